@@ -1,0 +1,42 @@
+"""The client API: what a data owner implements, and the one wrapper every client pool calls."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .types import Config, Metrics, State, Update
+
+if TYPE_CHECKING:
+    from .transforms.base import Transform
+
+
+class Client(ABC):
+    """A participant holding private data. The same object runs in every client pool.
+
+    `fit` trains from the given global state and returns only the change (an `Update`);
+    `evaluate` returns metrics of the given state on local data, including ``num_examples``.
+    Standard config keys: ``round``, ``seed`` (for local shuffling), ``work_fraction`` (a straggler does only
+    that fraction of its local steps), ``proximal_mu`` (FedProx), plus whatever a strategy adds.
+    """
+
+    def __init__(self, cid: str) -> None:
+        self.cid = str(cid)
+
+    @abstractmethod
+    def fit(self, state: State, config: Config) -> Update:
+        """Train locally starting from `state`; return the update."""
+
+    def evaluate(self, state: State, config: Config) -> Metrics:
+        """Evaluate `state` on local data. Clients without evaluation data need not override this."""
+        raise NotImplementedError(f"client {self.cid!r} does not implement evaluate()")
+
+
+def run_fit(client: Client, state: State, config: Config, transforms: Sequence["Transform"] = ()) -> Update:
+    """Run one fit task as a pool does: call `fit`, check what came back, apply client-side transforms."""
+    update = client.fit(state, config)
+    if not isinstance(update, Update):
+        raise TypeError(f"client {client.cid!r}: fit() must return an Update, got {type(update).__name__}")
+    for transform in transforms:
+        update = transform.client(update, config)
+    return update

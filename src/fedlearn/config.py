@@ -1,0 +1,137 @@
+"""Simulation settings: one dataclass, readable from a TOML file with sections and overridable by flags.
+
+TOML layout (every key optional)::
+
+    seed = 0
+    rounds = 30
+    [data]      dataset, partition, alpha, shards_per_client, sigma, num_clients, synthetic_alpha, synthetic_beta
+    [model]     name
+    [sampling]  clients_per_round | fraction, min_clients, eval_clients
+    [strategy]  name, server_lr, mu
+    [client]    local_epochs, batch_size, lr, momentum
+    [faults]    crash_rate, drop_rate, straggler_rate
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("digits", "breast_cancer", "synthetic", "femnist", "leaf")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
+
+
+class ConfigError(ValueError):
+    """A setting with a bad value; the message says which and what is allowed."""
+
+
+@dataclass
+class SimulationConfig:
+    """Everything a built-in simulation needs. Defaults are the README's default run."""
+
+    seed: int = 0
+    rounds: int = 30
+    # data
+    dataset: str = "digits"
+    data_path: str = ""
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    sigma: float = 1.0
+    num_clients: int = 100
+    synthetic_alpha: float = 1.0
+    synthetic_beta: float = 1.0
+    # model
+    model: str = "mlp"
+    # sampling
+    clients_per_round: int | None = 10
+    fraction: float | None = None
+    min_clients: int = 1
+    eval_clients: int = 10
+    # strategy
+    strategy: str = "fedavg"
+    server_lr: float = 1.0
+    mu: float = 0.01
+    # client
+    local_epochs: int = 5
+    batch_size: int = 5
+    lr: float = 0.1
+    momentum: float = 0.0
+    # faults
+    crash_rate: float = 0.0
+    drop_rate: float = 0.0
+    straggler_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first bad setting."""
+        _check(self.rounds >= 1, "rounds must be >= 1")
+        _check(self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)} (got {self.dataset!r})")
+        _check(self.dataset not in ("femnist", "leaf") or bool(self.data_path),
+               f"dataset {self.dataset!r} needs data_path (--data-path) pointing at the files")
+        _check(self.partition in PARTITIONS, f"partition must be one of {', '.join(PARTITIONS)} (got {self.partition!r})")
+        _check(self.alpha > 0, "alpha must be > 0")
+        _check(self.num_clients >= 1, "num_clients must be >= 1")
+        _check(self.model in ("mlp", "logreg"), f"model must be 'mlp' or 'logreg' (got {self.model!r})")
+        _check((self.clients_per_round is None) != (self.fraction is None),
+               "give exactly one of clients_per_round and fraction")
+        _check(self.clients_per_round is None or self.clients_per_round >= 1, "clients_per_round must be >= 1")
+        _check(self.fraction is None or 0 < self.fraction <= 1, "fraction must be in (0, 1]")
+        _check(self.min_clients >= 1, "min_clients must be >= 1")
+        _check(self.eval_clients >= 0, "eval_clients must be >= 0")
+        _check(self.server_lr > 0, "server_lr must be > 0")
+        _check(self.mu >= 0, "mu must be >= 0")
+        _check(self.local_epochs >= 1, "local_epochs must be >= 1")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.lr > 0, "lr must be > 0")
+        for name in ("crash_rate", "drop_rate", "straggler_rate"):
+            _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SimulationConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+# TOML (section, key) -> field name, where they differ.
+_RENAMES = {("model", "name"): "model", ("strategy", "name"): "strategy"}
+_SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config into flat field values (sections flattened)."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            if key not in _SECTIONS:
+                raise ConfigError(f"unknown section [{key}] in {path}; sections are {', '.join(_SECTIONS)}")
+            for sub, v in value.items():
+                flat[_RENAMES.get((key, sub), sub)] = v
+        else:
+            flat[key] = value
+    if "fraction" in flat and "clients_per_round" not in flat:
+        flat["clients_per_round"] = None
+    return flat
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

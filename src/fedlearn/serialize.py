@@ -1,0 +1,167 @@
+"""Tensors on the wire and on disk: dtype + shape + raw bytes behind a validated header. Never pickle.
+
+Format (little-endian)::
+
+    b"FLT1" | u32 header_length | header (UTF-8 JSON) | payload
+
+The header lists each tensor's name, dtype, shape, and the payload's length and SHA-256. Every field is
+checked before any byte of the payload is interpreted, so truncated, corrupted, oversized or mistyped input
+raises `SerializationError` with the reason instead of producing garbage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .types import State, Update
+
+MAGIC = b"FLT1"
+DEFAULT_MAX_BYTES = 2**31  # 2 GiB: larger payloads must be streamed in chunks
+MAX_HEADER_BYTES = 1 << 20
+ALLOWED_DTYPES = frozenset(
+    np.dtype(d).str for d in ("<f2", "<f4", "<f8", "<i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1")
+)
+_PREFIX = struct.Struct("<4sI")
+
+
+class SerializationError(ValueError):
+    """Bytes that are not a valid, complete, within-limits fedlearn tensor message."""
+
+
+def _le(dtype: np.dtype) -> np.dtype:
+    return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> bytes:
+    """Encode named arrays (and small JSON metadata) into one message."""
+    entries, chunks = [], []
+    for name, value in tensors.items():
+        arr = np.asarray(value)  # not ascontiguousarray: it turns 0-d scalars into shape (1,)
+        arr = arr.astype(_le(arr.dtype), order="C", copy=False)
+        if arr.dtype.str not in ALLOWED_DTYPES:
+            raise SerializationError(f"tensor {name!r}: dtype {arr.dtype} cannot be serialized")
+        entries.append({"name": str(name), "dtype": arr.dtype.str, "shape": list(arr.shape)})
+        chunks.append(arr.tobytes())
+    payload = b"".join(chunks)
+    header = {
+        "tensors": entries,
+        "meta": dict(meta or {}),
+        "payload_bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    return _PREFIX.pack(MAGIC, len(head)) + head + payload
+
+
+def decode_tensors(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple["OrderedDict[str, np.ndarray]", dict]:
+    """Decode a message from `encode_tensors`, validating it completely first. Returns (tensors, meta)."""
+    data = memoryview(data)
+    if len(data) > max_bytes:
+        raise SerializationError(f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    if len(data) < _PREFIX.size:
+        raise SerializationError("message truncated: shorter than its fixed prefix")
+    magic, head_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise SerializationError(f"not a fedlearn tensor message (magic {bytes(magic)!r})")
+    if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(data):
+        raise SerializationError(f"message truncated or corrupt: header length {head_len} does not fit")
+    try:
+        header = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + head_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SerializationError(f"corrupt header: {exc}") from None
+    entries, meta = _check_header(header)
+    payload = data[_PREFIX.size + head_len :]
+    if len(payload) != header["payload_bytes"]:
+        raise SerializationError(
+            f"message truncated or padded: payload is {len(payload)} bytes, header says {header['payload_bytes']}"
+        )
+    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+        raise SerializationError("payload checksum mismatch: the message was corrupted")
+    tensors: OrderedDict[str, np.ndarray] = OrderedDict()
+    pos = 0
+    for name, dtype, shape, nbytes in entries:
+        tensors[name] = np.frombuffer(payload[pos : pos + nbytes], dtype=dtype).reshape(shape).copy()
+        pos += nbytes
+    return tensors, meta
+
+
+def _check_header(header: Any) -> tuple[list[tuple[str, np.dtype, tuple[int, ...], int]], dict]:
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+        raise SerializationError("corrupt header: missing tensor list")
+    if not isinstance(header.get("payload_bytes"), int) or not isinstance(header.get("sha256"), str):
+        raise SerializationError("corrupt header: missing payload length or checksum")
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise SerializationError("corrupt header: meta must be an object")
+    entries, seen, total = [], set(), 0
+    for i, entry in enumerate(header["tensors"]):
+        if not isinstance(entry, dict):
+            raise SerializationError(f"corrupt header: tensor entry {i} is not an object")
+        name, dtype, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
+        if not isinstance(name, str) or name in seen:
+            raise SerializationError(f"corrupt header: tensor entry {i} has a missing or duplicate name")
+        if dtype not in ALLOWED_DTYPES:
+            raise SerializationError(f"tensor {name!r}: dtype {dtype!r} is not allowed")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            raise SerializationError(f"tensor {name!r}: invalid shape {shape!r}")
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        total += nbytes
+        seen.add(name)
+        entries.append((name, np.dtype(dtype), tuple(shape), nbytes))
+    if total != header["payload_bytes"]:
+        raise SerializationError(f"corrupt header: tensors need {total} bytes but payload_bytes is {header['payload_bytes']}")
+    return entries, meta
+
+
+def encode_state(state: State) -> bytes:
+    """Serialize a model state."""
+    return encode_tensors(state, {"kind": "state"})
+
+
+def decode_state(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> State:
+    """Deserialize a model state written by `encode_state`."""
+    tensors, meta = decode_tensors(data, max_bytes=max_bytes)
+    if meta.get("kind") != "state":
+        raise SerializationError(f"expected a model state, got a message of kind {meta.get('kind')!r}")
+    return tensors
+
+
+def encode_update(update: Update) -> bytes:
+    """Serialize a client update (flat delta plus its bookkeeping)."""
+    meta = {
+        "kind": "update",
+        "client_id": update.client_id,
+        "round": int(update.round),
+        "num_examples": int(update.num_examples),
+        "metrics": {k: float(v) for k, v in update.metrics.items()},
+        "partial": bool(update.partial),
+    }
+    try:
+        return encode_tensors({"delta": update.delta}, meta)
+    except ValueError as exc:  # NaN metrics are not valid JSON
+        raise SerializationError(f"update from {update.client_id!r} cannot be serialized: {exc}") from None
+
+
+def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Update:
+    """Deserialize and type-check a client update."""
+    tensors, meta = decode_tensors(data, max_bytes=max_bytes)
+    if meta.get("kind") != "update":
+        raise SerializationError(f"expected an update, got a message of kind {meta.get('kind')!r}")
+    if list(tensors) != ["delta"] or tensors["delta"].ndim != 1:
+        raise SerializationError("update must hold exactly one 1-D tensor named 'delta'")
+    if tensors["delta"].dtype.kind != "f":
+        raise SerializationError(f"update delta must be floating point, got {tensors['delta'].dtype}")
+    cid, rnd, n = meta.get("client_id"), meta.get("round"), meta.get("num_examples")
+    metrics = meta.get("metrics", {})
+    if not isinstance(cid, str) or not isinstance(rnd, int) or not isinstance(n, int) or n < 0:
+        raise SerializationError("update metadata needs client_id (str), round (int), num_examples (int >= 0)")
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
+        raise SerializationError("update metrics must map names to numbers")
+    return Update(cid, rnd, tensors["delta"], n, dict(metrics), bool(meta.get("partial", False)))

@@ -1,0 +1,35 @@
+"""`ClientPool`: the one interface the round loop talks to, whatever the clients are (in-process,
+multi-process, Ray, remote over gRPC)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+
+from ..transforms.base import Transform
+from ..types import Config, EvalResult, Failure, State, Update
+
+
+class ClientPool(ABC):
+    """Dispatches work to clients and collects results, turning every client fault into a `Failure`.
+
+    A pool never raises because one client misbehaved: crashes, drops and timeouts come back as `Failure`
+    entries with the reason, so the round can go on with what arrived.
+    """
+
+    @property
+    @abstractmethod
+    def client_ids(self) -> Sequence[str]:
+        """Ids of the clients available for sampling."""
+
+    @abstractmethod
+    def fit(
+        self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
+    ) -> list[Update | Failure]:
+        """Run `fit` on each client in `instructions` (client id -> config) from the global `state`."""
+
+    @abstractmethod
+    def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
+        """Run `evaluate` on each client in `instructions`."""
+
+    def close(self) -> None:
+        """Release workers and connections."""

@@ -1,0 +1,185 @@
+"""The round loop: sample -> dispatch -> validate -> transform -> aggregate -> server step -> evaluate -> commit.
+
+One loop for every client pool. Follow one update: `ClientPool.fit` returns it, `update_problem` checks it,
+the strategy's `accept_partial` decides on stragglers, transforms' `server` halves see it, `Strategy.aggregate`
+combines it, transforms' `finalize` halves adjust the aggregate, and `Strategy.apply` makes the new model.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..params import Layout
+from ..strategies.base import Strategy
+from ..transforms.base import Transform
+from ..types import EvalResult, Failure, Metrics, State, Update
+from .pool import ClientPool
+from .sampling import ClientSampler, client_seed
+from .store import RoundRecord, RunStore
+from .validate import update_problem
+
+log = logging.getLogger(__name__)
+
+CentralEval = Callable[[State], Metrics]
+RoundCallback = Callable[[RoundRecord], None]
+
+
+class RoundFailedError(RuntimeError):
+    """Fewer than `min_clients` usable updates arrived; the global model is left unchanged."""
+
+
+@dataclass
+class History:
+    """Metrics of every completed round."""
+
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    def metric(self, name: str) -> list[float]:
+        return [r.metrics[name] for r in self.rounds if name in r.metrics]
+
+    @property
+    def last(self) -> dict[str, float]:
+        return self.rounds[-1].metrics if self.rounds else {}
+
+
+class Server:
+    """Runs federated rounds over any `ClientPool`, committing each completed round to an optional store."""
+
+    def __init__(
+        self,
+        pool: ClientPool,
+        strategy: Strategy,
+        initial_state: State,
+        *,
+        sampler: ClientSampler,
+        min_clients: int = 1,
+        transforms: Sequence[Transform] = (),
+        central_eval: CentralEval | None = None,
+        eval_clients: int = 0,
+        store: RunStore | None = None,
+        seed: int = 0,
+    ) -> None:
+        if min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        self.pool, self.strategy, self.sampler = pool, strategy, sampler
+        self.layout = Layout.of(initial_state)
+        self.params = self.layout.flatten(initial_state)
+        self.min_clients, self.transforms = min_clients, list(transforms)
+        self.central_eval, self.eval_clients = central_eval, eval_clients
+        self.store, self.seed = store, seed
+        self.round = 0
+        self.history = History()
+        if store is not None:
+            self._restore_or_init(store, initial_state)
+
+    @property
+    def state(self) -> State:
+        """The current global model."""
+        return self.layout.unflatten(self.params)
+
+    def _restore_or_init(self, store: RunStore, initial_state: State) -> None:
+        last = store.last_round()
+        if last is None:
+            store.commit_round(0, initial_state, self.strategy.state_dict(), {}, [], [])
+            return
+        state, strategy_state = store.load_round(last)
+        self.params = self.layout.flatten(state)
+        self.strategy.load_state_dict(strategy_state)
+        self.round = last
+        self.history = History(store.history())
+        log.info("resumed from round %d of %s", last, store.path)
+
+    def run(self, rounds: int, callbacks: Sequence[RoundCallback] = ()) -> History:
+        """Run until `rounds` rounds have completed in total (a resumed run continues where it stopped)."""
+        while self.round < rounds:
+            record = self.run_round(self.round + 1)
+            for callback in callbacks:
+                callback(record)
+        return self.history
+
+    def run_round(self, rnd: int) -> RoundRecord:
+        """One complete round; raises `RoundFailedError` (model unchanged) if too few updates are usable."""
+        state = self.state
+        cohort = self.sampler.sample(self.pool.client_ids, rnd)
+        instructions = {
+            cid: {**self.strategy.configure_fit(rnd, cid), "round": rnd, "seed": client_seed(self.seed, rnd, cid)}
+            for cid in cohort
+        }
+        results = self.pool.fit(state, instructions, self.transforms)
+        updates, failures = self._screen(results, instructions, rnd)
+        for transform in self.transforms:
+            updates, refused = transform.server(updates, rnd)
+            failures += refused
+        for f in failures:
+            log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
+        if len(updates) < self.min_clients:
+            reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in failures[:5])
+            raise RoundFailedError(
+                f"round {rnd}: only {len(updates)} of {len(cohort)} sampled clients returned usable updates, "
+                f"min_clients is {self.min_clients} ({reasons})"
+            )
+        delta = self.strategy.aggregate(updates)
+        for transform in self.transforms:
+            delta = transform.finalize(delta, updates, rnd)
+        self.params = self.strategy.apply(self.params, delta)
+        metrics = self._round_metrics(updates, failures, cohort, rnd)
+        record = RoundRecord(rnd, metrics, [u.client_id for u in updates], failures)
+        if self.store is not None:
+            self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures)
+        self.round = rnd
+        self.history.rounds.append(record)
+        return record
+
+    def _screen(self, results: list[Update | Failure], instructions: dict, rnd: int) -> tuple[list[Update], list[Failure]]:
+        """Split pool results into usable updates and failures with reasons (validation and stragglers)."""
+        updates: list[Update] = []
+        failures: list[Failure] = []
+        answered = set()
+        for result in results:
+            if isinstance(result, Failure):
+                failures.append(result)
+                answered.add(result.client_id)
+                continue
+            expected = result.client_id if result.client_id in instructions else "<not sampled>"
+            problem = update_problem(result, expected_client=expected, rnd=rnd, size=self.layout.size)
+            if problem is None and result.client_id in answered:
+                problem = "sent more than one update this round"
+            answered.add(result.client_id)
+            if problem is not None:
+                failures.append(Failure(result.client_id, "rejected", f"update rejected: {problem}"))
+            elif result.partial and not self.strategy.accept_partial:
+                failures.append(Failure(result.client_id, "straggler",
+                                        f"partial work dropped by {self.strategy.name}"))
+            else:
+                updates.append(result)
+        failures += [Failure(c, "timeout", "no result before the round ended") for c in instructions if c not in answered]
+        return updates, failures
+
+    def _round_metrics(self, updates: list[Update], failures: list[Failure], cohort: list[str], rnd: int) -> Metrics:
+        weights = np.array([u.num_examples for u in updates], dtype=np.float64)
+        metrics: Metrics = {"clients_sampled": float(len(cohort)), "clients_used": float(len(updates)),
+                            "clients_failed": float(len(failures))}
+        train_losses = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
+        if len(train_losses) == len(updates):
+            metrics["train_loss"] = float(np.average(train_losses, weights=weights))
+        state = self.state
+        if self.central_eval is not None:
+            metrics.update({f"test_{k}": float(v) for k, v in self.central_eval(state).items() if k != "num_examples"})
+        if self.eval_clients > 0:
+            metrics.update(self._federated_eval(state, rnd))
+        return metrics
+
+    def _federated_eval(self, state: State, rnd: int) -> Metrics:
+        ids = self.pool.client_ids
+        rng = np.random.default_rng([self.seed, rnd, 1])
+        chosen = [ids[i] for i in np.sort(rng.choice(len(ids), size=min(self.eval_clients, len(ids)), replace=False))]
+        results = [r for r in self.pool.evaluate(state, {c: {"round": rnd} for c in chosen}) if isinstance(r, EvalResult)]
+        results = [r for r in results if r.num_examples > 0]
+        if not results:
+            return {}
+        weights = np.array([r.num_examples for r in results], dtype=np.float64)
+        keys = set.intersection(*(set(r.metrics) for r in results)) - {"num_examples"}
+        return {f"fed_{k}": float(np.average([r.metrics[k] for r in results], weights=weights)) for k in sorted(keys)}

@@ -1,0 +1,162 @@
+"""Front door for simulations: `simulate(config)` for the built-in tasks, `run_simulation(...)` for any
+user-defined clients. Both run the same `Server` round loop over an in-process pool and write a run
+directory (SQLite store, final model, metrics CSV, plot)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .client import Client
+from .config import ConfigError, SimulationConfig
+from .data import FederatedDataset, federate, load_breast_cancer, load_digits, load_femnist_npz, load_leaf_json, make_synthetic
+from .progress import RoundProgress
+from .report import plot, write_csv
+from .serialize import encode_state
+from .server import ClientSampler, History, RunStore, Server
+from .server.round_loop import CentralEval
+from .simulation import FaultInjector, InProcessPool
+from .strategies import Strategy, make_strategy
+from .torch import TorchClient, state_of
+from .torch.models import build_model
+from .torch.train import central_evaluator
+from .transforms.base import Transform
+from .types import State
+
+FINAL_MODEL = "final_model.flt"
+
+
+@dataclass
+class SimulationResult:
+    """What a finished simulation returns."""
+
+    history: History
+    final_state: State
+    run_dir: Path | None
+    seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.history.last.get("test_accuracy", float("nan"))
+
+
+def load_task_data(cfg: SimulationConfig) -> FederatedDataset:
+    """The configured data set, split over clients."""
+    if cfg.dataset == "synthetic":
+        return make_synthetic(cfg.synthetic_alpha, cfg.synthetic_beta, cfg.num_clients, seed=cfg.seed)
+    if cfg.dataset == "femnist":
+        return load_femnist_npz(cfg.data_path)
+    if cfg.dataset == "leaf":
+        return load_leaf_json(cfg.data_path, seed=cfg.seed)
+    central = load_digits(seed=0) if cfg.dataset == "digits" else load_breast_cancer(seed=0)
+    kwargs = {"dirichlet": {"alpha": cfg.alpha}, "shards": {"shards_per_client": cfg.shards_per_client},
+              "quantity": {"sigma": cfg.sigma}}.get(cfg.partition, {})
+    return federate(central, cfg.partition, cfg.num_clients, seed=cfg.seed, **kwargs)
+
+
+def simulate(
+    config: SimulationConfig | dict[str, Any] | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    show_progress: bool = False,
+) -> SimulationResult:
+    """Run a built-in simulation. With `resume`, continue the run stored in `run_dir` from its last round."""
+    if resume:
+        if run_dir is None or not (Path(run_dir) / "run.sqlite").exists():
+            raise ConfigError(f"cannot resume: {run_dir} holds no run store (run.sqlite)")
+        stored = RunStore(run_dir)
+        config = stored.get_meta("config")
+        stored.close()
+    cfg = config if isinstance(config, SimulationConfig) else SimulationConfig.from_dict(dict(config or {}))
+    data = load_task_data(cfg)
+    in_features = int(torch.tensor(data.input_shape).prod())
+
+    def model_fn() -> torch.nn.Module:
+        return build_model(cfg.model, in_features, data.num_classes)
+
+    def client_fn(cid: str) -> TorchClient:
+        x, y = data.clients[cid]
+        x_test, y_test = (data.client_test or {}).get(cid, (None, None))
+        return TorchClient(cid, model_fn, x, y, x_test=x_test, y_test=y_test, local_epochs=cfg.local_epochs,
+                           batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum)
+
+    strategy_params = {"server_lr": cfg.server_lr, **({"mu": cfg.mu} if cfg.strategy == "fedprox" else {})}
+    return run_simulation(
+        client_fn, data.client_ids, model_fn,
+        strategy=make_strategy(cfg.strategy, **strategy_params),
+        rounds=cfg.rounds, clients_per_round=cfg.clients_per_round, fraction=cfg.fraction,
+        min_clients=cfg.min_clients, eval_clients=cfg.eval_clients,
+        central_eval=central_evaluator(model_fn, *data.test),
+        faults=FaultInjector(cfg.crash_rate, cfg.drop_rate, cfg.straggler_rate, seed=cfg.seed),
+        seed=cfg.seed, run_dir=run_dir, meta={"config": cfg.to_dict()}, show_progress=show_progress,
+    )
+
+
+def run_simulation(
+    client_fn: Callable[[str], Client],
+    client_ids: Sequence[str],
+    model_fn: Callable[[], torch.nn.Module] | None = None,
+    *,
+    initial_state: State | None = None,
+    strategy: Strategy | None = None,
+    rounds: int = 10,
+    clients_per_round: int | None = None,
+    fraction: float | None = None,
+    min_clients: int = 1,
+    eval_clients: int = 0,
+    central_eval: CentralEval | None = None,
+    faults: FaultInjector | None = None,
+    transforms: Sequence[Transform] = (),
+    seed: int = 0,
+    run_dir: str | Path | None = None,
+    meta: dict[str, Any] | None = None,
+    show_progress: bool = False,
+) -> SimulationResult:
+    """Simulate federated training of any clients. The initial model is `initial_state`, or `model_fn()`
+    built under `torch.manual_seed(seed)`. Samples all clients each round unless a count or fraction is given.
+    With `run_dir`, every round is committed to a run store there, and a run already in it is resumed."""
+    if initial_state is None:
+        if model_fn is None:
+            raise ValueError("give model_fn or initial_state for the initial global model")
+        torch.manual_seed(seed)
+        initial_state = state_of(model_fn())
+    if clients_per_round is None and fraction is None:
+        fraction = 1.0
+    store = RunStore(run_dir) if run_dir is not None else None
+    if store is not None:
+        for key, value in (meta or {}).items():
+            store.set_meta(key, value)
+    pool = InProcessPool(client_fn, client_ids, faults)
+    server = Server(
+        pool, strategy or make_strategy("fedavg"), initial_state,
+        sampler=ClientSampler(clients_per_round, fraction, seed=seed), min_clients=min_clients,
+        transforms=transforms, central_eval=central_eval, eval_clients=eval_clients, store=store, seed=seed,
+    )
+    start = time.perf_counter()
+    try:
+        if show_progress:
+            with RoundProgress(rounds, server.round) as progress:
+                history = server.run(rounds, [progress])
+        else:
+            history = server.run(rounds)
+    finally:
+        pool.close()
+        if store is not None:
+            store.close()
+    result = SimulationResult(history, server.state, Path(run_dir) if run_dir else None, time.perf_counter() - start)
+    if result.run_dir is not None:
+        write_outputs(result)
+    return result
+
+
+def write_outputs(result: SimulationResult) -> None:
+    """Final model (fedlearn tensor format, no pickle), metrics CSV and plot into the run directory."""
+    assert result.run_dir is not None
+    (result.run_dir / FINAL_MODEL).write_bytes(encode_state(result.final_state))
+    write_csv(result.history.rounds, result.run_dir / "metrics.csv")
+    plot(result.history.rounds, result.run_dir / "metrics.png")

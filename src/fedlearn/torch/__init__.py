@@ -1,0 +1,7 @@
+"""PyTorch adapters: model <-> state, local training loops, reference models, `TorchClient`."""
+from .adapters import load_state, state_of
+from .client import TorchClient
+from .models import MLP, LogisticRegression
+from .train import evaluate_model, train_local
+
+__all__ = ["TorchClient", "MLP", "LogisticRegression", "state_of", "load_state", "train_local", "evaluate_model"]

@@ -1,0 +1,79 @@
+"""`TorchClient`: a complete client for a PyTorch model on in-memory data, in about ten lines of use."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..client import Client
+from ..params import Layout
+from ..types import Config, Metrics, State, Update
+from .adapters import load_state, state_of
+from .train import LossFn, evaluate_model, train_local
+
+
+class TorchClient(Client):
+    """Trains `model_fn()` on (x, y) with mini-batch SGD and returns the parameter change.
+
+    Config from the server overrides the local defaults per round (``local_epochs``, ``lr``,
+    ``batch_size``); ``work_fraction`` and ``proximal_mu`` come from the pool and the strategy.
+    Evaluation uses (x_test, y_test) when given, else the training data.
+    """
+
+    def __init__(
+        self,
+        cid: str,
+        model_fn: Callable[[], torch.nn.Module],
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        x_test: np.ndarray | None = None,
+        y_test: np.ndarray | None = None,
+        loss_fn: LossFn = torch.nn.functional.cross_entropy,
+        local_epochs: int = 1,
+        batch_size: int = 32,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__(cid)
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"client {cid!r}: x and y must be non-empty and of equal length ({len(x)} vs {len(y)})")
+        self.model_fn = model_fn
+        self.x, self.y = torch.as_tensor(x), torch.as_tensor(y)
+        has_test = x_test is not None and y_test is not None
+        self.x_test = torch.as_tensor(x_test) if has_test else self.x
+        self.y_test = torch.as_tensor(y_test) if has_test else self.y
+        self.loss_fn = loss_fn
+        self.defaults = {"local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
+                         "momentum": momentum, "weight_decay": weight_decay}
+        self.shuffle = shuffle
+        self._model: torch.nn.Module | None = None
+
+    def model(self, state: State) -> torch.nn.Module:
+        """The client's module (built once) loaded with `state`."""
+        if self._model is None:
+            self._model = self.model_fn()
+        load_state(self._model, state)
+        return self._model
+
+    def fit(self, state: State, config: Config) -> Update:
+        opts = {**self.defaults, **{k: config[k] for k in self.defaults if k in config}}
+        model = self.model(state)
+        generator = torch.Generator().manual_seed(int(config.get("seed", 0))) if self.shuffle else None
+        fraction = float(config.get("work_fraction", 1.0))
+        metrics = train_local(
+            model, self.x, self.y,
+            epochs=int(opts["local_epochs"]), batch_size=int(opts["batch_size"]), lr=float(opts["lr"]),
+            momentum=float(opts["momentum"]), weight_decay=float(opts["weight_decay"]),
+            loss_fn=self.loss_fn, generator=generator, work_fraction=fraction,
+            proximal_mu=float(config.get("proximal_mu", 0.0)),
+        )
+        layout = Layout.of(state)
+        delta = layout.flatten(state_of(model)) - layout.flatten(state)
+        return Update(self.cid, int(config.get("round", 0)), delta, len(self.x), metrics, partial=fraction < 1.0)
+
+    def evaluate(self, state: State, config: Config) -> Metrics:
+        return evaluate_model(self.model(state), self.x_test, self.y_test, loss_fn=self.loss_fn)
