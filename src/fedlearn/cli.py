@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tomllib
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
@@ -25,9 +26,7 @@ _SIM_FLAGS: list[tuple[str, str, type, str]] = [
     ("--fraction", "fraction", float, "sample this fraction of clients per round instead of a count"),
     ("--min-clients", "min_clients", int, "fewest usable updates for a round to count (default 1)"),
     ("--eval-clients", "eval_clients", int, "clients sampled for federated evaluation per round (default 10)"),
-    ("--strategy", "strategy", str, "fedavg or fedprox (default fedavg)"),
-    ("--server-lr", "server_lr", float, "server learning rate (default 1.0)"),
-    ("--mu", "mu", float, "FedProx proximal strength (default 0.01)"),
+    ("--strategy", "strategy", str, "strategy name, see README (default fedavg)"),
     ("--local-epochs", "local_epochs", int, "local epochs per round (default 5)"),
     ("--batch-size", "batch_size", int, "local batch size (default 5)"),
     ("--lr", "lr", float, "client learning rate (default 0.1)"),
@@ -53,13 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     for flag, dest, kind, help_text in _SIM_FLAGS:
         sim.add_argument(flag, dest=dest, type=kind, help=help_text, default=None)
+    sim.add_argument("--param", "-p", dest="strategy_param", action="append", default=[], metavar="KEY=VALUE",
+                     help="a strategy parameter, repeatable (e.g. -p mu=1.0 -p server_lr=0.5)")
+    sim.add_argument("--mu", type=float, help="shortcut for -p mu=VALUE (FedProx proximal strength)")
+    sim.add_argument("--server-lr", type=float, help="shortcut for -p server_lr=VALUE")
     return parser
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings into a dict, values read as TOML scalars (numbers, booleans, quoted strings)."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"parameter {item!r} must look like KEY=VALUE")
+        try:
+            params[key.strip()] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            params[key.strip()] = text.strip()
+    return params
 
 
 def _simulation_settings(args: argparse.Namespace) -> dict[str, Any]:
     values = load_toml(args.config) if args.config else {}
     names = {f.name for f in fields(SimulationConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    shortcuts = {k: getattr(args, k) for k in ("mu", "server_lr") if getattr(args, k) is not None}
+    strategy_params = {**values.get("strategy_params", {}), **shortcuts, **parse_params(args.strategy_param)}
+    if strategy_params:
+        flags["strategy_params"] = strategy_params
     if "fraction" in flags and "clients_per_round" not in flags:
         values["clients_per_round"] = None
     if "clients_per_round" in flags and "fraction" not in flags:

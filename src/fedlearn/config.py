@@ -7,14 +7,14 @@ TOML layout (every key optional)::
     [data]      dataset, partition, alpha, shards_per_client, sigma, num_clients, synthetic_alpha, synthetic_beta
     [model]     name
     [sampling]  clients_per_round | fraction, min_clients, eval_clients
-    [strategy]  name, server_lr, mu
+    [strategy]  name, then the strategy's own parameters (server_lr, mu, ...)
     [client]    local_epochs, batch_size, lr, momentum
     [faults]    crash_rate, drop_rate, straggler_rate
 """
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,7 @@ class SimulationConfig:
     eval_clients: int = 10
     # strategy
     strategy: str = "fedavg"
-    server_lr: float = 1.0
-    mu: float = 0.01
+    strategy_params: dict[str, Any] = field(default_factory=dict)
     # client
     local_epochs: int = 5
     batch_size: int = 5
@@ -82,8 +81,7 @@ class SimulationConfig:
         _check(self.fraction is None or 0 < self.fraction <= 1, "fraction must be in (0, 1]")
         _check(self.min_clients >= 1, "min_clients must be >= 1")
         _check(self.eval_clients >= 0, "eval_clients must be >= 0")
-        _check(self.server_lr > 0, "server_lr must be > 0")
-        _check(self.mu >= 0, "mu must be >= 0")
+        _check(isinstance(self.strategy_params, dict), "strategy parameters must be a table of name = value")
         _check(self.local_epochs >= 1, "local_epochs must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
@@ -108,6 +106,8 @@ class SimulationConfig:
 # TOML (section, key) -> field name, where they differ.
 _RENAMES = {("model", "name"): "model", ("strategy", "name"): "strategy"}
 _SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults")
+# Sections whose keys other than `name` are free-form parameters of the named plug-in.
+_PLUGIN_SECTIONS = {"strategy": "strategy_params"}
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -124,7 +124,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             if key not in _SECTIONS:
                 raise ConfigError(f"unknown section [{key}] in {path}; sections are {', '.join(_SECTIONS)}")
             for sub, v in value.items():
-                flat[_RENAMES.get((key, sub), sub)] = v
+                if key in _PLUGIN_SECTIONS and sub != "name":
+                    flat.setdefault(_PLUGIN_SECTIONS[key], {})[sub] = v
+                else:
+                    flat[_RENAMES.get((key, sub), sub)] = v
         else:
             flat[key] = value
     if "fraction" in flat and "clients_per_round" not in flat:

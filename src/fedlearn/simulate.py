@@ -85,10 +85,9 @@ def simulate(
         return TorchClient(cid, model_fn, x, y, x_test=x_test, y_test=y_test, local_epochs=cfg.local_epochs,
                            batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum)
 
-    strategy_params = {"server_lr": cfg.server_lr, **({"mu": cfg.mu} if cfg.strategy == "fedprox" else {})}
     return run_simulation(
         client_fn, data.client_ids, model_fn,
-        strategy=make_strategy(cfg.strategy, **strategy_params),
+        strategy=make_strategy(cfg.strategy, **cfg.strategy_params),
         rounds=cfg.rounds, clients_per_round=cfg.clients_per_round, fraction=cfg.fraction,
         min_clients=cfg.min_clients, eval_clients=cfg.eval_clients,
         central_eval=central_evaluator(model_fn, *data.test),
