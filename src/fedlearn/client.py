@@ -37,6 +37,8 @@ def run_fit(client: Client, state: State, config: Config, transforms: Sequence["
     update = client.fit(state, config)
     if not isinstance(update, Update):
         raise TypeError(f"client {client.cid!r}: fit() must return an Update, got {type(update).__name__}")
+    if update.client_id != client.cid:
+        raise ValueError(f"client {client.cid!r} returned an update claiming to be {update.client_id!r}")
     for transform in transforms:
         update = transform.client(update, config)
     return update

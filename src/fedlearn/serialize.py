@@ -133,8 +133,11 @@ def decode_state(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> State:
     return tensors
 
 
+EXTRA_PREFIX = "extra/"  # tensor-name prefix of an update's `extras`
+
+
 def encode_update(update: Update) -> bytes:
-    """Serialize a client update (flat delta plus its bookkeeping)."""
+    """Serialize a client update (flat delta, extras and bookkeeping)."""
     meta = {
         "kind": "update",
         "client_id": update.client_id,
@@ -144,7 +147,8 @@ def encode_update(update: Update) -> bytes:
         "partial": bool(update.partial),
     }
     try:
-        return encode_tensors({"delta": update.delta}, meta)
+        tensors = {"delta": update.delta, **{EXTRA_PREFIX + k: v for k, v in update.extras.items()}}
+        return encode_tensors(tensors, meta)
     except ValueError as exc:  # NaN metrics are not valid JSON
         raise SerializationError(f"update from {update.client_id!r} cannot be serialized: {exc}") from None
 
@@ -154,14 +158,22 @@ def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Update:
     tensors, meta = decode_tensors(data, max_bytes=max_bytes)
     if meta.get("kind") != "update":
         raise SerializationError(f"expected an update, got a message of kind {meta.get('kind')!r}")
-    if list(tensors) != ["delta"] or tensors["delta"].ndim != 1:
-        raise SerializationError("update must hold exactly one 1-D tensor named 'delta'")
-    if tensors["delta"].dtype.kind != "f":
-        raise SerializationError(f"update delta must be floating point, got {tensors['delta'].dtype}")
+    names = list(tensors)
+    if not names or names[0] != "delta" or not all(n.startswith(EXTRA_PREFIX) for n in names[1:]):
+        raise SerializationError(f"update must hold a tensor 'delta' and optional '{EXTRA_PREFIX}*' ones, got {names}")
+    delta = tensors.pop("delta")
+    if delta.ndim != 1:
+        raise SerializationError(f"update delta must be 1-D, got shape {delta.shape}")
+    for name, value in {"delta": delta, **tensors}.items():
+        if value.shape != delta.shape:
+            raise SerializationError(f"update tensor {name!r} has shape {value.shape}, the delta {delta.shape}")
+        if value.dtype.kind != "f":
+            raise SerializationError(f"update tensor {name!r} must be floating point, got {value.dtype}")
     cid, rnd, n = meta.get("client_id"), meta.get("round"), meta.get("num_examples")
     metrics = meta.get("metrics", {})
     if not isinstance(cid, str) or not isinstance(rnd, int) or not isinstance(n, int) or n < 0:
         raise SerializationError("update metadata needs client_id (str), round (int), num_examples (int >= 0)")
     if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
         raise SerializationError("update metrics must map names to numbers")
-    return Update(cid, rnd, tensors["delta"], n, dict(metrics), bool(meta.get("partial", False)))
+    extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items()}
+    return Update(cid, rnd, delta, n, dict(metrics), bool(meta.get("partial", False)), extras)

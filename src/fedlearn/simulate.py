@@ -107,6 +107,7 @@ def run_simulation(
     clients_per_round: int | None = None,
     fraction: float | None = None,
     min_clients: int = 1,
+    max_failed_rounds: int = 3,
     eval_clients: int = 0,
     central_eval: CentralEval | None = None,
     faults: FaultInjector | None = None,
@@ -134,6 +135,7 @@ def run_simulation(
     server = Server(
         pool, strategy or make_strategy("fedavg"), initial_state,
         sampler=ClientSampler(clients_per_round, fraction, seed=seed), min_clients=min_clients,
+        max_failed_rounds=max_failed_rounds,
         transforms=transforms, central_eval=central_eval, eval_clients=eval_clients, store=store, seed=seed,
     )
     start = time.perf_counter()

@@ -21,6 +21,8 @@ class Update:
     `delta` is the flat change of the model (new - old) in the round's `Layout` order, kept in float64 so
     that aggregation is exact enough to reproduce centralized SGD bit for bit with one client.
     `partial` marks a straggler that finished only part of its local work.
+    `extras` holds named flat vectors, in the delta's `Layout` order, that a strategy asks clients for besides
+    the delta (SCAFFOLD's new control variate); they are validated and serialized like the delta.
     """
 
     client_id: str
@@ -29,6 +31,7 @@ class Update:
     num_examples: int
     metrics: Metrics = field(default_factory=dict)
     partial: bool = False
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ RoundCallback = Callable[[RoundRecord], None]
 
 
 class RoundFailedError(RuntimeError):
-    """Fewer than `min_clients` usable updates arrived; the global model is left unchanged."""
+    """Too many consecutive rounds had fewer than `min_clients` usable updates."""
 
 
 @dataclass
@@ -61,15 +61,18 @@ class Server:
         eval_clients: int = 0,
         store: RunStore | None = None,
         seed: int = 0,
+        max_failed_rounds: int = 3,
     ) -> None:
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        if max_failed_rounds < 0:
+            raise ValueError(f"max_failed_rounds must be >= 0, got {max_failed_rounds}")
         self.pool, self.strategy, self.sampler = pool, strategy, sampler
         self.layout = Layout.of(initial_state)
         self.params = self.layout.flatten(initial_state)
         self.min_clients, self.transforms = min_clients, list(transforms)
         self.central_eval, self.eval_clients = central_eval, eval_clients
-        self.store, self.seed = store, seed
+        self.store, self.seed, self.max_failed_rounds = store, seed, max_failed_rounds
         self.round = 0
         self.history = History()
         if store is not None:
@@ -93,15 +96,26 @@ class Server:
         log.info("resumed from round %d of %s", last, store.path)
 
     def run(self, rounds: int, callbacks: Sequence[RoundCallback] = ()) -> History:
-        """Run until `rounds` rounds have completed in total (a resumed run continues where it stopped)."""
+        """Run until `rounds` rounds have completed in total (a resumed run continues where it stopped).
+
+        A round with fewer than `min_clients` usable updates leaves the model unchanged and is recorded as
+        failed; more than `max_failed_rounds` such rounds in a row stop the run with `RoundFailedError`.
+        """
+        failed_in_a_row = 0
         while self.round < rounds:
             record = self.run_round(self.round + 1)
             for callback in callbacks:
                 callback(record)
+            failed_in_a_row = failed_in_a_row + 1 if record.metrics.get("round_failed") else 0
+            if failed_in_a_row > self.max_failed_rounds:
+                raise RoundFailedError(
+                    f"{failed_in_a_row} rounds in a row failed (max_failed_rounds={self.max_failed_rounds}); "
+                    f"last: {record.note}"
+                )
         return self.history
 
     def run_round(self, rnd: int) -> RoundRecord:
-        """One complete round; raises `RoundFailedError` (model unchanged) if too few updates are usable."""
+        """One complete round, committed to the store; a failed round (too few usable updates) keeps the model."""
         state = self.state
         cohort = self.sampler.sample(self.pool.client_ids, rnd)
         instructions = {
@@ -115,18 +129,24 @@ class Server:
             failures += refused
         for f in failures:
             log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
-        if len(updates) < self.min_clients:
-            reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in failures[:5])
-            raise RoundFailedError(
-                f"round {rnd}: only {len(updates)} of {len(cohort)} sampled clients returned usable updates, "
-                f"min_clients is {self.min_clients} ({reasons})"
-            )
-        delta = self.strategy.aggregate(updates)
-        for transform in self.transforms:
-            delta = transform.finalize(delta, updates, rnd)
-        self.params = self.strategy.apply(self.params, delta)
+        note = ""
+        if len(updates) >= self.min_clients:
+            delta = self.strategy.aggregate(updates)
+            for transform in self.transforms:
+                delta = transform.finalize(delta, updates, rnd)
+            # The global model is the state in its own dtypes: round the float64 step to them, so the model
+            # in memory is exactly what clients receive and what the store (and so a resumed run) holds.
+            self.params = self.layout.flatten(self.layout.unflatten(self.strategy.apply(self.params, delta)))
+        else:
+            reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in failures[:3])
+            note = (f"round {rnd}: only {len(updates)} of {len(cohort)} sampled clients returned usable updates, "
+                    f"min_clients is {self.min_clients}; model unchanged ({reasons})")
+            log.warning(note)
+            updates = []
         metrics = self._round_metrics(updates, failures, cohort, rnd)
-        record = RoundRecord(rnd, metrics, [u.client_id for u in updates], failures)
+        if note:
+            metrics["round_failed"] = 1.0
+        record = RoundRecord(rnd, metrics, [u.client_id for u in updates], failures, note)
         if self.store is not None:
             self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures)
         self.round = rnd
@@ -163,7 +183,7 @@ class Server:
         metrics: Metrics = {"clients_sampled": float(len(cohort)), "clients_used": float(len(updates)),
                             "clients_failed": float(len(failures))}
         train_losses = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
-        if len(train_losses) == len(updates):
+        if updates and len(train_losses) == len(updates):
             metrics["train_loss"] = float(np.average(train_losses, weights=weights))
         state = self.state
         if self.central_eval is not None:

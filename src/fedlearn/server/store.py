@@ -39,6 +39,7 @@ class RoundRecord:
     metrics: dict[str, float]
     participants: list[str]
     failures: list[Failure] = field(default_factory=list)
+    note: str = ""
 
 
 class RunStore:

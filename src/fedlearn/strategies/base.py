@@ -56,6 +56,13 @@ class Strategy:
         """Instructions for one sampled client this round."""
         return dict(self.client_config)
 
+    def begin_round(self, rnd: int, params: np.ndarray) -> None:
+        """Called by the round loop with the flat model the round starts from; hands it to an aggregator
+        that needs it (FLTrust trains on its root data from it)."""
+        hook = getattr(self.aggregator, "begin_round", None)
+        if hook is not None:
+            hook(params)
+
     def aggregate(self, updates: list[Update]) -> np.ndarray:
         """Stack the accepted updates and combine them."""
         deltas = np.stack([u.delta for u in updates])
@@ -68,8 +75,17 @@ class Strategy:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything needed to resume this strategy exactly (saved with every committed round)."""
-        return {f"server_opt/{k}": v for k, v in self.server_optimizer.state_dict().items()}
+        state = {f"server_opt/{k}": v for k, v in self.server_optimizer.state_dict().items()}
+        if hasattr(self.aggregator, "state_dict"):  # stateful aggregators, e.g. centered clipping's center
+            state.update({f"aggregator/{k}": v for k, v in self.aggregator.state_dict().items()})
+        return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        prefix = "server_opt/"
-        self.server_optimizer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        self.server_optimizer.load_state_dict(_under(state, "server_opt/"))
+        if hasattr(self.aggregator, "load_state_dict"):
+            self.aggregator.load_state_dict(_under(state, "aggregator/"))
+
+
+def _under(state: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The entries of `state` whose keys start with `prefix`, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -10,14 +10,16 @@ from ..client import Client
 from ..params import Layout
 from ..types import Config, Metrics, State, Update
 from .adapters import load_state, state_of
-from .train import LossFn, evaluate_model, train_local
+from .train import GradientCorrection, LossFn, evaluate_model, train_local
 
 
 class TorchClient(Client):
     """Trains `model_fn()` on (x, y) with mini-batch SGD and returns the parameter change.
 
     Config from the server overrides the local defaults per round (``local_epochs``, ``lr``,
-    ``batch_size``); ``work_fraction`` and ``proximal_mu`` come from the pool and the strategy.
+    ``batch_size``); ``work_fraction`` and ``proximal_mu`` come from the pool and the strategy. A flat
+    ``gradient_correction`` (SCAFFOLD) is added to every local gradient, and the update then carries the
+    mean uncorrected gradient as ``extras["mean_gradient"]``.
     Evaluation uses (x_test, y_test) when given, else the training data.
     """
 
@@ -64,16 +66,20 @@ class TorchClient(Client):
         model = self.model(state)
         generator = torch.Generator().manual_seed(int(config.get("seed", 0))) if self.shuffle else None
         fraction = float(config.get("work_fraction", 1.0))
+        layout = Layout.of(state)
+        correction = config.get("gradient_correction")
+        drift = GradientCorrection(model, layout, correction) if correction is not None else None
         metrics = train_local(
             model, self.x, self.y,
             epochs=int(opts["local_epochs"]), batch_size=int(opts["batch_size"]), lr=float(opts["lr"]),
             momentum=float(opts["momentum"]), weight_decay=float(opts["weight_decay"]),
             loss_fn=self.loss_fn, generator=generator, work_fraction=fraction,
-            proximal_mu=float(config.get("proximal_mu", 0.0)),
+            proximal_mu=float(config.get("proximal_mu", 0.0)), grad_hook=drift,
         )
-        layout = Layout.of(state)
         delta = layout.flatten(state_of(model)) - layout.flatten(state)
-        return Update(self.cid, int(config.get("round", 0)), delta, len(self.x), metrics, partial=fraction < 1.0)
+        extras = {"mean_gradient": drift.mean_gradient()} if drift is not None else {}
+        return Update(self.cid, int(config.get("round", 0)), delta, len(self.x), metrics, partial=fraction < 1.0,
+                      extras=extras)
 
     def evaluate(self, state: State, config: Config) -> Metrics:
         return evaluate_model(self.model(state), self.x_test, self.y_test, loss_fn=self.loss_fn)

@@ -1,0 +1,102 @@
+"""CLI front door, TOML config, run directory outputs, and exact resume after a real SIGKILL."""
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlearn import decode_state
+from fedlearn.cli import main
+
+QUICK = ["--num-clients", "20", "--clients-per-round", "4", "--local-epochs", "1", "--eval-clients", "2", "--quiet"]
+
+
+def test_simulate_writes_a_complete_run_directory(tmp_path, capsys):
+    assert main(["simulate", "--rounds", "3", "--run-dir", str(tmp_path), *QUICK]) == 0
+    out = capsys.readouterr().out
+    assert "final test accuracy" in out and str(tmp_path) in out
+    for name in ("run.sqlite", "final_model.flt", "metrics.csv", "metrics.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("round,") and "test_accuracy" in rows[0] and len(rows) == 4
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = decode_state((tmp_path / "final_model.flt").read_bytes())
+    assert list(state)[0].endswith("weight")
+
+
+def test_toml_config_is_read_and_flags_override_it(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('seed = 4\nrounds = 2\n[data]\ndataset = "breast_cancer"\npartition = "iid"\nnum_clients = 8\n'
+                   '[sampling]\nfraction = 0.5\neval_clients = 0\n[strategy]\nname = "fedprox"\nmu = 0.5\n'
+                   '[client]\nlocal_epochs = 1\n')
+    assert main(["simulate", "--config", str(cfg), "--rounds", "1", "--run-dir", str(tmp_path / "r"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "breast_cancer, 8 clients (iid), fedprox, 1 rounds, seed 4" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--alpha", "-1"], "alpha must be > 0"),
+    (["--dataset", "cifar"], "dataset must be one of"),
+    (["--strategy", "fedprox", "-p", "nu=1"], "bad parameters for strategy 'fedprox'"),
+    (["--strategy", "nope"], "unknown strategy 'nope'"),
+    (["--clients-per-round", "500"], "cannot sample 500 clients"),
+    (["--config", "/nonexistent.toml"], "does not exist"),
+    (["--resume", "/nonexistent-run"], "holds no run store"),
+])
+def test_bad_values_give_one_clear_line(argv, message, capsys):
+    assert main(["simulate", "--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedlearn: error:") and message in err and "\n" not in err
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--resume", "--partition", "--strategy", "--crash-rate", "--straggler-rate"):
+        assert flag in out
+
+
+def _last_round(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT MAX(round) FROM rounds").fetchone()[0] or 0
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedlearn.cli", "simulate", *args]
+
+
+def test_killed_run_resumes_to_the_same_final_model(tmp_path):
+    args = ["--rounds", "10", "--num-clients", "40", "--clients-per-round", "20", "--local-epochs", "4",
+            "--crash-rate", "0.1", "--straggler-rate", "0.2", "--quiet", "--seed", "11"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cli(*args, "--run-dir", str(full)), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_cli(*args, "--run-dir", str(killed)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _last_round(killed / "run.sqlite") < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = _last_round(killed / "run.sqlite")
+    assert 3 <= stopped_at < 10, f"the run was not killed mid-way (last committed round {stopped_at})"
+    assert not (killed / "final_model.flt").exists()
+
+    done = subprocess.run(_cli("--resume", str(killed), "--quiet"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert _last_round(killed / "run.sqlite") == 10
+    a = decode_state((full / "final_model.flt").read_bytes())
+    b = decode_state((killed / "final_model.flt").read_bytes())
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert (full / "metrics.csv").read_text() == (killed / "metrics.csv").read_text()
