@@ -2,6 +2,7 @@
 from .adapters import load_state, state_of
 from .client import TorchClient
 from .models import MLP, LogisticRegression
-from .train import evaluate_model, train_local
+from .train import central_evaluator, evaluate_model, train_local
 
-__all__ = ["TorchClient", "MLP", "LogisticRegression", "state_of", "load_state", "train_local", "evaluate_model"]
+__all__ = ["TorchClient", "MLP", "LogisticRegression", "state_of", "load_state", "train_local", "evaluate_model",
+           "central_evaluator"]
