@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import DATASETS, PARTITIONS, ConfigError, SimulationConfig, load_toml
+from .transport import commands as deployment
+from .server.anomaly import flag_counts
+from .server.store import RoundRecord
 
 # flag -> (field, type, help)
 _SIM_FLAGS: list[tuple[str, str, type, str]] = [
@@ -35,6 +38,32 @@ _SIM_FLAGS: list[tuple[str, str, type, str]] = [
     ("--drop-rate", "drop_rate", float, "fraction of sampled clients that drop out each round (default 0)"),
     ("--straggler-rate", "straggler_rate", float, "fraction of clients finishing only part of their work (default 0)"),
     ("--seed", "seed", int, "seed for data split, sampling, faults and initialisation (default 0)"),
+    ("--backend", "backend", str, "where clients train: sequential (default), vectorized (a cohort at once), "
+                                  "process (every core), ray"),
+    ("--ray-address", "ray_address", str, "with --backend ray: the cluster to join (auto, ray://HEAD:10001); "
+                                          "default: start Ray on this machine"),
+    ("--aggregator", "aggregator", str, "robust aggregator replacing the strategy's mean: median, trimmed_mean, krum, "
+                                        "multi_krum, bulyan, centered_clipping, norm_bounding, fltrust"),
+    ("--attack", "attack", str, "simulated attack: label_flip, sign_flip, noise, alie, ipm, backdoor (default none)"),
+    ("--attack-fraction", "attack_fraction", float, "fraction of clients that are attackers (default 0.2)"),
+]
+
+# flag -> (key of the [privacy] section, type, help); a bool type makes an on/off switch
+_PRIVACY_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--dp-clip", "dp_clip", float, "central DP: clip every client update to this L2 norm (default off)"),
+    ("--dp-noise", "dp_noise", float, "central DP noise multiplier z (noise std z * clip on the sum)"),
+    ("--target-epsilon", "target_epsilon", float, "central DP: pick the noise for this epsilon after all rounds"),
+    ("--dp-delta", "dp_delta", float, "delta of the privacy accounting (default 1e-5)"),
+    ("--epsilon-budget", "epsilon_budget", float, "stop before a round would exceed this epsilon"),
+    ("--dp-accountant", "accountant", str, "rdp or pld (default rdp)"),
+    ("--dp-sampling", "sampling", str, "fixed (default) or poisson client sampling, as accounted"),
+    ("--adaptive-clip", "adaptive_clip", bool, "adapt the clip norm to a quantile of update norms"),
+    ("--local-dp-clip", "local_dp_clip", float, "local DP: clip norm on each client"),
+    ("--local-dp-noise", "local_dp_noise", float, "local DP: noise multiplier on each client"),
+    ("--secagg", "secagg", bool, "secure aggregation: the server sees only the sum of updates"),
+    ("--secagg-graph", "secagg_graph", str, "sparse (SecAgg+, default) or full"),
+    ("--secagg-threshold", "secagg_threshold", float, "fraction of a neighbourhood needed to unmask (default 0.5)"),
+    ("--secagg-range", "secagg_range", float, "clip each coordinate to +-this before quantising (default dp-clip or 1)"),
 ]
 
 
@@ -50,12 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-dir", type=Path, help="where to write the run (default runs/<time>)")
     sim.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last committed round")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.add_argument("--threads", type=int, default=1,
+                     help="torch threads per process (default 1: faster for small models, see README)")
     for flag, dest, kind, help_text in _SIM_FLAGS:
         sim.add_argument(flag, dest=dest, type=kind, help=help_text, default=None)
     sim.add_argument("--param", "-p", dest="strategy_param", action="append", default=[], metavar="KEY=VALUE",
                      help="a strategy parameter, repeatable (e.g. -p mu=1.0 -p server_lr=0.5)")
+    sim.add_argument("--aggregator-param", "-a", dest="aggregator_param", action="append", default=[],
+                     metavar="KEY=VALUE", help="an aggregator parameter, repeatable (e.g. -a f=2 -a m=5)")
+    sim.add_argument("--attack-param", dest="attack_param", action="append", default=[], metavar="KEY=VALUE",
+                     help="an attack parameter, repeatable (e.g. --attack-param scale=4)")
+    sim.add_argument("--anomaly-param", dest="anomaly_param", action="append", default=[], metavar="KEY=VALUE",
+                     help="an anomaly-check threshold, repeatable (e.g. --anomaly-param norm_z=4)")
+    sim.add_argument("--no-anomaly-checks", dest="anomaly_checks", action="store_const", const=False, default=None,
+                     help="do not screen updates for norm and direction outliers")
+    for flag, key, kind, help_text in _PRIVACY_FLAGS:
+        if kind is bool:
+            sim.add_argument(flag, dest=f"privacy_{key}", action="store_const", const=True, default=None, help=help_text)
+        else:
+            sim.add_argument(flag, dest=f"privacy_{key}", type=kind, default=None, help=help_text)
     sim.add_argument("--mu", type=float, help="shortcut for -p mu=VALUE (FedProx proximal strength)")
     sim.add_argument("--server-lr", type=float, help="shortcut for -p server_lr=VALUE")
+    deployment.add_parsers(sub, _SIM_FLAGS)
     return parser
 
 
@@ -81,6 +126,14 @@ def _simulation_settings(args: argparse.Namespace) -> dict[str, Any]:
     strategy_params = {**values.get("strategy_params", {}), **shortcuts, **parse_params(args.strategy_param)}
     if strategy_params:
         flags["strategy_params"] = strategy_params
+    for name, items in (("aggregator_params", args.aggregator_param), ("attack_params", args.attack_param),
+                        ("anomaly_params", args.anomaly_param)):
+        if items:
+            flags[name] = {**values.get(name, {}), **parse_params(items)}
+    privacy = {key: getattr(args, f"privacy_{key}") for _, key, _, _ in _PRIVACY_FLAGS
+               if getattr(args, f"privacy_{key}") is not None}
+    if privacy:
+        flags["privacy"] = {**values.get("privacy", {}), **privacy}
     if "fraction" in flags and "clients_per_round" not in flags:
         values["clients_per_round"] = None
     if "clients_per_round" in flags and "fraction" not in flags:
@@ -89,8 +142,13 @@ def _simulation_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    import torch
+
     from .simulate import simulate
 
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     if args.resume:
         run_dir, resume = args.resume, True
         config = None
@@ -98,21 +156,36 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         config = SimulationConfig.from_dict(_simulation_settings(args))
         run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
         resume = False
+        robust = (f" + {config.aggregator}" if config.aggregator else "") + (
+            f", attack {config.attack} by {config.attack_fraction:.0%} of clients" if config.attack else "")
         print(f"fedlearn: {config.dataset}, {config.num_clients} clients ({config.partition}), "
-              f"{config.strategy}, {config.rounds} rounds, seed {config.seed}")
+              f"{config.strategy}{robust}, {config.rounds} rounds, seed {config.seed}")
     result = simulate(config, run_dir=run_dir, resume=resume, show_progress=not args.quiet)
     last = result.history.last
     print(f"final test accuracy: {last.get('test_accuracy', float('nan')):.4f}  "
           f"(test loss {last.get('test_loss', float('nan')):.4f}, {result.seconds:.1f}s)")
+    if "dp_epsilon" in last:
+        print(f"privacy spent: epsilon {last['dp_epsilon']:.3f} over {int(last['dp_rounds'])} noised rounds")
+    if "test_backdoor_success" in last:
+        print(f"backdoor success rate: {last['test_backdoor_success']:.4f}")
+    print_flagged(result.history.rounds)
     print(f"run directory: {result.run_dir}")
     return 0
+
+
+def print_flagged(rounds: list[RoundRecord]) -> None:
+    """Name the clients the anomaly checks flagged in more than one round (suspects worth a look)."""
+    repeat = [(cid, n) for cid, n in flag_counts(rounds).most_common() if n > 1]
+    if repeat:
+        print(f"clients flagged in several rounds ({len(repeat)}): "
+              + ", ".join(f"{cid} ({n} rounds)" for cid, n in repeat))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"simulate": cmd_simulate}[args.command](args)
+        return {"simulate": cmd_simulate, **deployment.COMMANDS}[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"fedlearn: error: {exc}", file=sys.stderr)
         return 2

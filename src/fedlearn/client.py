@@ -34,11 +34,17 @@ class Client(ABC):
 
 def run_fit(client: Client, state: State, config: Config, transforms: Sequence["Transform"] = ()) -> Update:
     """Run one fit task as a pool does: call `fit`, check what came back, apply client-side transforms."""
-    update = client.fit(state, config)
+    return finish_fit(client.cid, client.fit(state, config), config, transforms)
+
+
+def finish_fit(cid: str, update: Update, config: Config, transforms: Sequence["Transform"] = ()) -> Update:
+    """The end of a fit task: check what client `cid` returned, then apply the client-side transforms.
+    Pools that train clients elsewhere or together (processes, Ray, a vectorised cohort) call it on each
+    raw update, in the cohort's order, so stateful transforms see what the sequential pool shows them."""
     if not isinstance(update, Update):
-        raise TypeError(f"client {client.cid!r}: fit() must return an Update, got {type(update).__name__}")
-    if update.client_id != client.cid:
-        raise ValueError(f"client {client.cid!r} returned an update claiming to be {update.client_id!r}")
+        raise TypeError(f"client {cid!r}: fit() must return an Update, got {type(update).__name__}")
+    if update.client_id != cid:
+        raise ValueError(f"client {cid!r} returned an update claiming to be {update.client_id!r}")
     for transform in transforms:
         update = transform.client(update, config)
     return update

@@ -10,6 +10,12 @@ TOML layout (every key optional)::
     [strategy]  name, then the strategy's own parameters (server_lr, mu, ...)
     [client]    local_epochs, batch_size, lr, momentum
     [faults]    crash_rate, drop_rate, straggler_rate
+    [aggregator] name (replaces the strategy's weighted mean: median, krum, ...), then its parameters (f, beta, ...)
+    [attack]    name (label_flip, sign_flip, noise, alie, ipm, backdoor), fraction, then its parameters
+    [anomaly]   enabled, then thresholds of the anomaly checks (norm_z, cosine_z, min_updates)
+    [privacy]   dp_clip, dp_noise | target_epsilon, dp_delta, epsilon_budget, accountant, sampling, adaptive_clip,
+                local_dp_clip, local_dp_noise, secagg, ... (see `fedlearn.privacy.config`)
+    [simulation] backend (sequential, vectorized, process, ray), ray_address (a Ray cluster; empty: local Ray)
 """
 from __future__ import annotations
 
@@ -18,8 +24,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .privacy.config import PrivacyConfig
+
 DATASETS = ("digits", "breast_cancer", "synthetic", "femnist", "leaf")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
+BACKENDS = ("sequential", "vectorized", "process", "ray")
 
 
 class ConfigError(ValueError):
@@ -61,6 +70,19 @@ class SimulationConfig:
     crash_rate: float = 0.0
     drop_rate: float = 0.0
     straggler_rate: float = 0.0
+    # robustness: "" keeps the strategy's own aggregator / runs no attack
+    aggregator: str = ""
+    aggregator_params: dict[str, Any] = field(default_factory=dict)
+    attack: str = ""
+    attack_fraction: float = 0.2
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    anomaly_checks: bool = True
+    anomaly_params: dict[str, Any] = field(default_factory=dict)
+    # privacy: DP and secure aggregation settings, validated by `PrivacyConfig`
+    privacy: dict[str, Any] = field(default_factory=dict)
+    # simulation engine: where and how clients train (same results, different speed)
+    backend: str = "sequential"
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,8 +107,18 @@ class SimulationConfig:
         _check(self.local_epochs >= 1, "local_epochs must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
+        for name in ("aggregator_params", "attack_params", "anomaly_params"):
+            _check(isinstance(getattr(self, name), dict), f"{name} must be a table of name = value")
+        _check(0 <= self.attack_fraction < 1, "attack fraction must be in [0, 1)")
+        _check(isinstance(self.privacy, dict), "privacy settings must be a table of name = value")
+        try:
+            PrivacyConfig.from_dict(self.privacy)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         for name in ("crash_rate", "drop_rate", "straggler_rate"):
             _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1]")
+        _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
+        _check(not self.ray_address or self.backend == "ray", "ray_address needs backend 'ray'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,14 +136,18 @@ class SimulationConfig:
 
 
 # TOML (section, key) -> field name, where they differ.
-_RENAMES = {("model", "name"): "model", ("strategy", "name"): "strategy"}
-_SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults")
-# Sections whose keys other than `name` are free-form parameters of the named plug-in.
-_PLUGIN_SECTIONS = {"strategy": "strategy_params"}
+_RENAMES = {("model", "name"): "model", ("strategy", "name"): "strategy", ("aggregator", "name"): "aggregator",
+            ("attack", "name"): "attack", ("attack", "fraction"): "attack_fraction", ("anomaly", "enabled"): "anomaly_checks"}
+_SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults", "aggregator", "attack", "anomaly", "privacy",
+             "simulation")
+# Sections whose keys (other than those renamed above) are free-form parameters of the named plug-in.
+_PLUGIN_SECTIONS = {"strategy": "strategy_params", "aggregator": "aggregator_params", "attack": "attack_params",
+                    "anomaly": "anomaly_params", "privacy": "privacy"}
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config into flat field values (sections flattened)."""
+def load_toml(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a TOML config into flat field values (sections flattened). Sections named in `extra_sections`
+    (settings of another front door, such as a deployment's [server]) come back whole under their name."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -120,11 +156,13 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key in extra_sections:
+            flat[key] = value
+        elif isinstance(value, dict):
             if key not in _SECTIONS:
                 raise ConfigError(f"unknown section [{key}] in {path}; sections are {', '.join(_SECTIONS)}")
             for sub, v in value.items():
-                if key in _PLUGIN_SECTIONS and sub != "name":
+                if key in _PLUGIN_SECTIONS and (key, sub) not in _RENAMES:
                     flat.setdefault(_PLUGIN_SECTIONS[key], {})[sub] = v
                 else:
                     flat[_RENAMES.get((key, sub), sub)] = v

@@ -28,5 +28,8 @@ class RoundProgress:
         m = record.metrics
         parts = [f"loss {m['train_loss']:.4f}" if "train_loss" in m else "",
                  f"acc {m['test_accuracy']:.4f}" if "test_accuracy" in m else "",
-                 f"failed {int(m['clients_failed'])}" if m.get("clients_failed") else ""]
+                 f"backdoor {m['test_backdoor_success']:.2f}" if "test_backdoor_success" in m else "",
+                 f"failed {int(m['clients_failed'])}" if m.get("clients_failed") else "",
+                 f"flagged {int(m['clients_flagged'])}" if m.get("clients_flagged") else "",
+                 f"eps {m['dp_epsilon']:.2f}" if "dp_epsilon" in m else ""]
         self.progress.update(self.task, completed=record.round, status="  ".join(p for p in parts if p))

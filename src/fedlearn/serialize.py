@@ -162,18 +162,18 @@ def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Update:
     if not names or names[0] != "delta" or not all(n.startswith(EXTRA_PREFIX) for n in names[1:]):
         raise SerializationError(f"update must hold a tensor 'delta' and optional '{EXTRA_PREFIX}*' ones, got {names}")
     delta = tensors.pop("delta")
+    extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items()}
     if delta.ndim != 1:
         raise SerializationError(f"update delta must be 1-D, got shape {delta.shape}")
-    for name, value in {"delta": delta, **tensors}.items():
+    for what, value in {"delta": delta, **{f"extra {k!r}": v for k, v in extras.items()}}.items():
         if value.shape != delta.shape:
-            raise SerializationError(f"update tensor {name!r} has shape {value.shape}, the delta {delta.shape}")
+            raise SerializationError(f"update {what} has shape {value.shape}, the delta {delta.shape}")
         if value.dtype.kind != "f":
-            raise SerializationError(f"update tensor {name!r} must be floating point, got {value.dtype}")
+            raise SerializationError(f"update {what} must be floating point, got {value.dtype}")
     cid, rnd, n = meta.get("client_id"), meta.get("round"), meta.get("num_examples")
     metrics = meta.get("metrics", {})
     if not isinstance(cid, str) or not isinstance(rnd, int) or not isinstance(n, int) or n < 0:
         raise SerializationError("update metadata needs client_id (str), round (int), num_examples (int >= 0)")
     if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
         raise SerializationError("update metrics must map names to numbers")
-    extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items()}
     return Update(cid, rnd, delta, n, dict(metrics), bool(meta.get("partial", False)), extras)

@@ -3,6 +3,7 @@ user-defined clients. Both run the same `Server` round loop over an in-process p
 directory (SQLite store, final model, metrics CSV, plot)."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,20 +15,26 @@ import torch
 from .client import Client
 from .config import ConfigError, SimulationConfig
 from .data import FederatedDataset, federate, load_breast_cancer, load_digits, load_femnist_npz, load_leaf_json, make_synthetic
-from .progress import RoundProgress
+from .messages import Handler
 from .report import plot, write_csv
 from .serialize import encode_state
+from .privacy import PrivacyConfig, build_privacy
 from .server import ClientSampler, History, RunStore, Server
+from .server.anomaly import AnomalyChecks
+from .server.protocol import RoundProtocol
 from .server.round_loop import CentralEval
-from .simulation import FaultInjector, InProcessPool
+from .server.sampling import PoissonSampler
+from .simulation import FaultInjector
+from .simulation.backends import make_pool
+from .simulation.robustness import Robustness, robustness_setup
 from .strategies import Strategy, make_strategy
 from .torch import TorchClient, state_of
 from .torch.models import build_model
-from .torch.train import central_evaluator
 from .transforms.base import Transform
 from .types import State
 
 FINAL_MODEL = "final_model.flt"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +65,46 @@ def load_task_data(cfg: SimulationConfig) -> FederatedDataset:
     return federate(central, cfg.partition, cfg.num_clients, seed=cfg.seed, **kwargs)
 
 
+@dataclass
+class BuiltinTask:
+    """A built-in task's parts, the same for a simulation and for a deployment's server and client processes."""
+
+    cfg: SimulationConfig
+    data: FederatedDataset
+    model_fn: Callable[[], torch.nn.Module]
+    robust: Robustness  # its `data` has the attackers' training data poisoned
+    strategy: Strategy
+
+    def client(self, cid: str) -> TorchClient:
+        """Client `cid` on its partition, with the configured local training settings."""
+        cfg = self.cfg
+        x, y = self.robust.data.clients[cid]
+        x_test, y_test = (self.data.client_test or {}).get(cid, (None, None))
+        return TorchClient(cid, self.model_fn, x, y, x_test=x_test, y_test=y_test, local_epochs=cfg.local_epochs,
+                           batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def builtin_task(cfg: SimulationConfig) -> BuiltinTask:
+    """Load the configured data; build the model factory, robustness settings and strategy."""
+    data = load_task_data(cfg)
+    in_features = int(torch.tensor(data.input_shape).prod())
+
+    def model_fn() -> torch.nn.Module:
+        return build_model(cfg.model, in_features, data.num_classes)
+
+    robust = robustness_setup(cfg, data, model_fn)  # attackers' data poisoned, aggregator, anomaly checks
+    strategy = make_strategy(cfg.strategy, **cfg.strategy_params)
+    if robust.aggregator is not None:
+        strategy.aggregator = robust.aggregator
+    return BuiltinTask(cfg, data, model_fn, robust, strategy)
+
+
+def initial_model_state(model_fn: Callable[[], torch.nn.Module], seed: int) -> State:
+    """The initial global model: `model_fn()` built under `torch.manual_seed(seed)`."""
+    torch.manual_seed(seed)
+    return state_of(model_fn())
+
+
 def simulate(
     config: SimulationConfig | dict[str, Any] | None = None,
     *,
@@ -73,26 +120,26 @@ def simulate(
         config = stored.get_meta("config")
         stored.close()
     cfg = config if isinstance(config, SimulationConfig) else SimulationConfig.from_dict(dict(config or {}))
-    data = load_task_data(cfg)
-    in_features = int(torch.tensor(data.input_shape).prod())
-
-    def model_fn() -> torch.nn.Module:
-        return build_model(cfg.model, in_features, data.num_classes)
-
-    def client_fn(cid: str) -> TorchClient:
-        x, y = data.clients[cid]
-        x_test, y_test = (data.client_test or {}).get(cid, (None, None))
-        return TorchClient(cid, model_fn, x, y, x_test=x_test, y_test=y_test, local_epochs=cfg.local_epochs,
-                           batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum)
-
+    task = builtin_task(cfg)
+    robust = task.robust
+    privacy = build_privacy(PrivacyConfig.from_dict(cfg.privacy), client_ids=task.data.client_ids,
+                            cohort=cfg.clients_per_round or max(1, round(cfg.fraction * cfg.num_clients)),
+                            rounds=cfg.rounds, strategy=task.strategy, seed=cfg.seed)
+    for line in privacy.summary:
+        log.info("privacy: %s", line)
+        if show_progress:
+            print(f"privacy: {line}")
+    # secure aggregation hides individual updates, so the anomaly checks have nothing to screen
+    anomaly_checks = None if privacy.protocol is not None else robust.anomaly_checks
     return run_simulation(
-        client_fn, data.client_ids, model_fn,
-        strategy=make_strategy(cfg.strategy, **cfg.strategy_params),
+        task.client, task.data.client_ids, task.model_fn, strategy=task.strategy,
         rounds=cfg.rounds, clients_per_round=cfg.clients_per_round, fraction=cfg.fraction,
-        min_clients=cfg.min_clients, eval_clients=cfg.eval_clients,
-        central_eval=central_evaluator(model_fn, *data.test),
+        min_clients=robust.min_clients, eval_clients=cfg.eval_clients,
+        central_eval=robust.central_eval, transforms=[*robust.transforms, *privacy.transforms],
+        anomaly_checks=anomaly_checks, protocol=privacy.protocol, handlers=privacy.handlers, sampler=privacy.sampler,
         faults=FaultInjector(cfg.crash_rate, cfg.drop_rate, cfg.straggler_rate, seed=cfg.seed),
         seed=cfg.seed, run_dir=run_dir, meta={"config": cfg.to_dict()}, show_progress=show_progress,
+        backend=cfg.backend, ray_address=cfg.ray_address or None,
     )
 
 
@@ -112,35 +159,46 @@ def run_simulation(
     central_eval: CentralEval | None = None,
     faults: FaultInjector | None = None,
     transforms: Sequence[Transform] = (),
+    anomaly_checks: AnomalyChecks | None = AnomalyChecks(),
+    protocol: RoundProtocol | None = None,
+    handlers: dict[str, Handler] | None = None,
+    sampler: ClientSampler | PoissonSampler | None = None,
     seed: int = 0,
     run_dir: str | Path | None = None,
     meta: dict[str, Any] | None = None,
     show_progress: bool = False,
+    backend: str = "sequential",
+    ray_address: str | None = None,
 ) -> SimulationResult:
     """Simulate federated training of any clients. The initial model is `initial_state`, or `model_fn()`
     built under `torch.manual_seed(seed)`. Samples all clients each round unless a count or fraction is given.
-    With `run_dir`, every round is committed to a run store there, and a run already in it is resumed."""
+    With `run_dir`, every round is committed to a run store there, and a run already in it is resumed.
+    `anomaly_checks` screens every update before aggregation (pass None to turn the screening off).
+    A multi-stage `protocol` (secure aggregation) needs its client-side `handlers`; `sampler` replaces the
+    count / fraction sampler (e.g. Poisson sampling for DP). `backend` picks where clients train
+    (sequential, vectorized, process, ray; see `fedlearn.simulation.backends`), `ray_address` a Ray cluster."""
     if initial_state is None:
         if model_fn is None:
             raise ValueError("give model_fn or initial_state for the initial global model")
-        torch.manual_seed(seed)
-        initial_state = state_of(model_fn())
+        initial_state = initial_model_state(model_fn, seed)
     if clients_per_round is None and fraction is None:
         fraction = 1.0
     store = RunStore(run_dir) if run_dir is not None else None
     if store is not None:
         for key, value in (meta or {}).items():
             store.set_meta(key, value)
-    pool = InProcessPool(client_fn, client_ids, faults)
+    pool = make_pool(backend, client_fn, client_ids, faults, handlers=handlers, ray_address=ray_address)
     server = Server(
         pool, strategy or make_strategy("fedavg"), initial_state,
-        sampler=ClientSampler(clients_per_round, fraction, seed=seed), min_clients=min_clients,
-        max_failed_rounds=max_failed_rounds,
+        sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed), min_clients=min_clients,
+        max_failed_rounds=max_failed_rounds, anomaly_checks=anomaly_checks, protocol=protocol,
         transforms=transforms, central_eval=central_eval, eval_clients=eval_clients, store=store, seed=seed,
     )
     start = time.perf_counter()
     try:
         if show_progress:
+            from .progress import RoundProgress  # rich takes a noticeable part of start-up; only a bar needs it
+
             with RoundProgress(rounds, server.round) as progress:
                 history = server.run(rounds, [progress])
         else:

@@ -39,7 +39,7 @@ class Failure:
     """A sampled client whose result did not reach (or was refused by) the aggregator, with the reason."""
 
     client_id: str
-    kind: str  # "crash", "drop", "rejected", "straggler", "timeout"
+    kind: str  # "crash", "drop", "rejected", "straggler", "timeout", "flagged" (by the anomaly checks)
     reason: str
 
 

@@ -11,6 +11,7 @@ from .datasets import (
     load_femnist_npz,
     make_synthetic,
 )
+from .heart_disease import load_heart_disease
 from .leaf import LeafFormatError, load_leaf_json
 from .partition import dirichlet, iid, label_table, quantity_skew, shards, summarize
 
@@ -28,6 +29,7 @@ __all__ = [
     "load_breast_cancer",
     "load_digits",
     "load_femnist_npz",
+    "load_heart_disease",
     "load_leaf_json",
     "make_synthetic",
     "quantity_skew",

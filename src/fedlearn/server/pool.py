@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
+from ..messages import Message
 from ..transforms.base import Transform
 from ..types import Config, EvalResult, Failure, State, Update
 
@@ -30,6 +31,21 @@ class ClientPool(ABC):
     @abstractmethod
     def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
         """Run `evaluate` on each client in `instructions`."""
+
+    def exchange(
+        self,
+        messages: Mapping[str, Message],
+        *,
+        state: State | None = None,
+        transforms: Sequence[Transform] = (),
+        deadline: float | None = None,
+    ) -> dict[str, Message | Failure]:
+        """Deliver one protocol stage: each client's handler for `message.kind` answers its message.
+
+        `state` (and `transforms`) travel along when a stage trains (the handler calls `session.fit`);
+        a client that has not answered within `deadline` seconds is a `Failure` of kind "timeout".
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot carry multi-stage round protocols")
 
     def close(self) -> None:
         """Release workers and connections."""

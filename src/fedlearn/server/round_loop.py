@@ -1,8 +1,12 @@
 """The round loop: sample -> dispatch -> validate -> transform -> aggregate -> server step -> evaluate -> commit.
 
 One loop for every client pool. Follow one update: `ClientPool.fit` returns it, `update_problem` checks it,
-the strategy's `accept_partial` decides on stragglers, transforms' `server` halves see it, `Strategy.aggregate`
-combines it, transforms' `finalize` halves adjust the aggregate, and `Strategy.apply` makes the new model.
+the strategy's `accept_partial` decides on stragglers, transforms' `server` halves see it, the anomaly checks
+screen it (`anomaly.py`), `Strategy.aggregate` combines it, transforms' `finalize` halves adjust the aggregate,
+and `Strategy.apply` makes the new model.
+
+Dispatch and aggregation go through the round's `RoundProtocol` (`protocol.py`): by default one fit exchange
+and `Strategy.aggregate`; secure aggregation runs its stages there as generic messages (`ClientPool.exchange`).
 """
 from __future__ import annotations
 
@@ -14,9 +18,11 @@ import numpy as np
 
 from ..params import Layout
 from ..strategies.base import Strategy
-from ..transforms.base import Transform
+from ..transforms.base import StopRun, Transform
 from ..types import EvalResult, Failure, Metrics, State, Update
+from .anomaly import AnomalyChecks
 from .pool import ClientPool
+from .protocol import RoundProtocol
 from .sampling import ClientSampler, client_seed
 from .store import RoundRecord, RunStore
 from .validate import update_problem
@@ -62,6 +68,8 @@ class Server:
         store: RunStore | None = None,
         seed: int = 0,
         max_failed_rounds: int = 3,
+        anomaly_checks: AnomalyChecks | None = None,
+        protocol: RoundProtocol | None = None,
     ) -> None:
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
@@ -73,6 +81,10 @@ class Server:
         self.min_clients, self.transforms = min_clients, list(transforms)
         self.central_eval, self.eval_clients = central_eval, eval_clients
         self.store, self.seed, self.max_failed_rounds = store, seed, max_failed_rounds
+        self.anomaly_checks = anomaly_checks
+        self.protocol = protocol or RoundProtocol()
+        self.protocol.check(strategy)
+        self.stop_reason = ""
         self.round = 0
         self.history = History()
         if store is not None:
@@ -93,6 +105,8 @@ class Server:
         self.strategy.load_state_dict(strategy_state)
         self.round = last
         self.history = History(store.history())
+        for transform in self.transforms:
+            transform.restore(self.history.rounds)
         log.info("resumed from round %d of %s", last, store.path)
 
     def run(self, rounds: int, callbacks: Sequence[RoundCallback] = ()) -> History:
@@ -103,7 +117,12 @@ class Server:
         """
         failed_in_a_row = 0
         while self.round < rounds:
-            record = self.run_round(self.round + 1)
+            try:
+                record = self.run_round(self.round + 1)
+            except StopRun as exc:
+                self.stop_reason = str(exc)
+                log.warning("run stopped after round %d: %s", self.round, exc)
+                break
             for callback in callbacks:
                 callback(record)
             failed_in_a_row = failed_in_a_row + 1 if record.metrics.get("round_failed") else 0
@@ -117,21 +136,27 @@ class Server:
     def run_round(self, rnd: int) -> RoundRecord:
         """One complete round, committed to the store; a failed round (too few usable updates) keeps the model."""
         state = self.state
+        settings = {k: v for transform in self.transforms for k, v in transform.configure(rnd).items()}
         cohort = self.sampler.sample(self.pool.client_ids, rnd)
         instructions = {
-            cid: {**self.strategy.configure_fit(rnd, cid), "round": rnd, "seed": client_seed(self.seed, rnd, cid)}
+            cid: {**self.strategy.configure_fit(rnd, cid), **settings, "round": rnd,
+                  "seed": client_seed(self.seed, rnd, cid)}
             for cid in cohort
         }
-        results = self.pool.fit(state, instructions, self.transforms)
+        results = self.protocol.collect(self.pool, state, instructions, self.transforms)
         updates, failures = self._screen(results, instructions, rnd)
         for transform in self.transforms:
             updates, refused = transform.server(updates, rnd)
             failures += refused
+        if self.anomaly_checks is not None:
+            updates, flagged = self.anomaly_checks.screen(updates, self.layout.size)
+            failures += flagged
         for f in failures:
             log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
         note = ""
         if len(updates) >= self.min_clients:
-            delta = self.strategy.aggregate(updates)
+            self.strategy.begin_round(rnd, self.params)
+            delta = self.protocol.aggregate(self.pool, self.strategy, updates, rnd)
             for transform in self.transforms:
                 delta = transform.finalize(delta, updates, rnd)
             # The global model is the state in its own dtypes: round the float64 step to them, so the model
@@ -144,6 +169,8 @@ class Server:
             log.warning(note)
             updates = []
         metrics = self._round_metrics(updates, failures, cohort, rnd)
+        for transform in self.transforms:
+            metrics.update(transform.report(rnd))
         if note:
             metrics["round_failed"] = 1.0
         record = RoundRecord(rnd, metrics, [u.client_id for u in updates], failures, note)
@@ -181,7 +208,8 @@ class Server:
     def _round_metrics(self, updates: list[Update], failures: list[Failure], cohort: list[str], rnd: int) -> Metrics:
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
         metrics: Metrics = {"clients_sampled": float(len(cohort)), "clients_used": float(len(updates)),
-                            "clients_failed": float(len(failures))}
+                            "clients_failed": float(len(failures)),
+                            "clients_flagged": float(sum(f.kind == "flagged" for f in failures))}
         train_losses = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
         if updates and len(train_losses) == len(updates):
             metrics["train_loss"] = float(np.average(train_losses, weights=weights))

@@ -33,6 +33,21 @@ class ClientSampler:
         return [client_ids[i] for i in np.sort(chosen)]
 
 
+class PoissonSampler:
+    """Each client joins round `rnd` independently with probability `rate` (the sampling that DP
+    accountants amplify best); the cohort size varies, and may be empty."""
+
+    def __init__(self, rate: float, seed: int = 0) -> None:
+        if not 0 < rate <= 1:
+            raise ValueError(f"Poisson sampling rate must be in (0, 1], got {rate}")
+        self.rate, self.seed = rate, seed
+
+    def sample(self, client_ids: Sequence[str], rnd: int) -> list[str]:
+        """The clients of round `rnd`, in pool order."""
+        joins = np.random.default_rng([self.seed, rnd, 2]).random(len(client_ids)) < self.rate
+        return [c for c, j in zip(client_ids, joins) if j]
+
+
 def client_seed(seed: int, rnd: int, client_id: str) -> int:
     """Seed for one client's local randomness in one round (shuffling), independent of sampling order."""
     return int(np.random.SeedSequence([seed, rnd, zlib.crc32(client_id.encode())]).generate_state(1)[0])

@@ -43,13 +43,14 @@ class RoundRecord:
 
 
 class RunStore:
-    """SQLite-backed record of a run. Round 0 holds the initial model."""
+    """SQLite-backed record of a run. Round 0 holds the initial model. One thread at a time may use it, not
+    necessarily the one that opened it (a deployment server opens it, then runs its rounds in another)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / DB_NAME
-        self._conn = sqlite3.connect(self.path)
+        self._conn = sqlite3.connect(self.path, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)

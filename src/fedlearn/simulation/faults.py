@@ -11,6 +11,10 @@ class InjectedCrash(RuntimeError):
     """Raised inside a client's task to simulate a crash."""
 
 
+class InjectedDrop(RuntimeError):
+    """Raised inside a client's task to simulate a client that vanished without answering."""
+
+
 @dataclass(frozen=True)
 class FaultInjector:
     """Each sampled client independently crashes with `crash_rate`, drops (never answers) with `drop_rate`,
@@ -31,6 +35,8 @@ class FaultInjector:
 
     def decide(self, rnd: int, client_id: str) -> tuple[str, float]:
         """('crash' | 'drop' | 'ok', work_fraction) for this client in this round."""
+        if self.crash_rate == self.drop_rate == self.straggler_rate == 0:  # no faults: skip the per-client RNG
+            return "ok", 1.0
         rng = np.random.default_rng([self.seed, rnd, zlib.crc32(client_id.encode()), 7])
         fate, straggle, fraction = rng.random(3)
         if fate < self.crash_rate:

@@ -5,9 +5,14 @@ from typing import Any
 
 from .base import Aggregator, ServerOptimizer, Strategy
 from .fedavg import FedAvg, ServerSGD, weighted_mean
+from .fednova import FedNova
+from .fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from .fedprox import FedProx
+from .scaffold import Scaffold
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx}
+STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam,
+                                         "fedyogi": FedYogi, "fedadagrad": FedAdagrad, "scaffold": Scaffold,
+                                         "fednova": FedNova}
 
 
 def make_strategy(name: str, **params: Any) -> Strategy:
@@ -23,4 +28,4 @@ def make_strategy(name: str, **params: Any) -> Strategy:
 
 
 __all__ = ["Strategy", "Aggregator", "ServerOptimizer", "FedAvg", "FedProx", "ServerSGD", "weighted_mean",
-           "STRATEGIES", "make_strategy"]
+           "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "Scaffold", "FedNova", "STRATEGIES", "make_strategy"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,25 +62,33 @@ class TorchClient(Client):
         load_state(self._model, state)
         return self._model
 
-    def fit(self, state: State, config: Config) -> Update:
+    def sgd_settings(self, config: Config) -> dict[str, Any]:
+        """This round's `train_local` settings: local defaults overridden by the server's `config`, plus the
+        pool's ``work_fraction`` and the strategy's ``proximal_mu``."""
         opts = {**self.defaults, **{k: config[k] for k in self.defaults if k in config}}
+        return {"epochs": int(opts["local_epochs"]), "batch_size": int(opts["batch_size"]), "lr": float(opts["lr"]),
+                "momentum": float(opts["momentum"]), "weight_decay": float(opts["weight_decay"]),
+                "work_fraction": float(config.get("work_fraction", 1.0)),
+                "proximal_mu": float(config.get("proximal_mu", 0.0))}
+
+    def shuffle_seed(self, config: Config) -> int | None:
+        """Seed of this round's shuffling generator, or None when the data keeps its order."""
+        return int(config.get("seed", 0)) if self.shuffle else None
+
+    def fit(self, state: State, config: Config) -> Update:
+        settings = self.sgd_settings(config)
         model = self.model(state)
-        generator = torch.Generator().manual_seed(int(config.get("seed", 0))) if self.shuffle else None
-        fraction = float(config.get("work_fraction", 1.0))
+        seed = self.shuffle_seed(config)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         layout = Layout.of(state)
         correction = config.get("gradient_correction")
         drift = GradientCorrection(model, layout, correction) if correction is not None else None
-        metrics = train_local(
-            model, self.x, self.y,
-            epochs=int(opts["local_epochs"]), batch_size=int(opts["batch_size"]), lr=float(opts["lr"]),
-            momentum=float(opts["momentum"]), weight_decay=float(opts["weight_decay"]),
-            loss_fn=self.loss_fn, generator=generator, work_fraction=fraction,
-            proximal_mu=float(config.get("proximal_mu", 0.0)), grad_hook=drift,
-        )
+        metrics = train_local(model, self.x, self.y, **settings, loss_fn=self.loss_fn, generator=generator,
+                              grad_hook=drift)
         delta = layout.flatten(state_of(model)) - layout.flatten(state)
         extras = {"mean_gradient": drift.mean_gradient()} if drift is not None else {}
-        return Update(self.cid, int(config.get("round", 0)), delta, len(self.x), metrics, partial=fraction < 1.0,
-                      extras=extras)
+        return Update(self.cid, int(config.get("round", 0)), delta, len(self.x), metrics,
+                      partial=settings["work_fraction"] < 1.0, extras=extras)
 
     def evaluate(self, state: State, config: Config) -> Metrics:
         return evaluate_model(self.model(state), self.x_test, self.y_test, loss_fn=self.loss_fn)

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..types import Config, Failure, Update
+from ..types import Config, Failure, Metrics, Update
+
+
+class StopRun(Exception):
+    """Raised from a round-level hook to end the run cleanly after the last committed round (for example,
+    a spent privacy budget); the message says why."""
 
 
 class Transform:
@@ -13,6 +18,10 @@ class Transform:
     - `server`: runs on the server on the validated updates, before aggregation (decode, filter); may refuse
       updates by returning them as `Failure`s with a reason.
     - `finalize`: runs on the aggregated delta (central DP noise, unmasking corrections).
+
+    Round-level hooks, for transforms with server-side state (a privacy accountant, an adaptive clip norm):
+    `configure` adds settings sent to every sampled client (and may stop the run by raising `StopRun`),
+    `report` adds metrics to the round's record, `restore` rebuilds state from the stored rounds on resume.
     """
 
     name = "transform"
@@ -25,3 +34,12 @@ class Transform:
 
     def finalize(self, delta: np.ndarray, updates: list[Update], rnd: int) -> np.ndarray:
         return delta
+
+    def configure(self, rnd: int) -> Config:
+        return {}
+
+    def report(self, rnd: int) -> Metrics:
+        return {}
+
+    def restore(self, rounds: list) -> None:
+        """Rebuild server-side state from the committed `RoundRecord`s of a resumed run."""

@@ -1,0 +1,28 @@
+"""Shared argument checks for robust aggregators: every refusal names the setting and what would work."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def check_stack(deltas: np.ndarray, weights: np.ndarray) -> None:
+    """Refuse anything but a non-empty `(n, d)` stack with one weight per row."""
+    if deltas.ndim != 2 or deltas.shape[0] == 0:
+        raise ValueError(f"aggregators take a non-empty (n, d) stack of deltas, got shape {deltas.shape}")
+    if weights.shape != (deltas.shape[0],):
+        raise ValueError(f"expected {deltas.shape[0]} weights (one per delta), got shape {weights.shape}")
+
+
+def check_enough(name: str, n: int, needed: int, rule: str) -> None:
+    """Refuse a round with fewer updates than the aggregator's assumption needs."""
+    if n < needed:
+        raise ValueError(
+            f"{name} needs at least {needed} updates per round ({rule}) but got {n}; "
+            "sample more clients per round or assume fewer Byzantine clients (lower f)"
+        )
+
+
+def check_f(f: int) -> int:
+    """`f`, the number of Byzantine clients assumed, as a non-negative int."""
+    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 0:
+        raise ValueError(f"f (the number of Byzantine clients tolerated) must be a whole number >= 0, got {f!r}")
+    return int(f)

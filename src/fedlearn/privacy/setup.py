@@ -1,0 +1,87 @@
+"""Turn `PrivacyConfig` into the objects a run needs: transforms, the secure-aggregation protocol with its
+client handlers, and the client sampler; refuse combinations that would not give the promised guarantee."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..messages import Handler
+from ..secagg.client import SecAggClient
+from ..secagg.keys import Identities
+from ..secagg.protocol import SecAggConfig
+from ..secagg.server import SecAggProtocol, refuse_strategy
+from ..server.sampling import PoissonSampler
+from ..strategies.base import Strategy
+from ..strategies.fedavg import weighted_mean
+from ..transforms.base import Transform
+from .accountant import PrivacyBudgetError, SampledGaussian, affordable_rounds, noise_for_epsilon
+from .central import CentralDP
+from .clipping import AdaptiveClipping
+from .config import PrivacyConfig
+from .local import LocalDP
+
+
+@dataclass
+class PrivacySetup:
+    """What `build_privacy` made; `sampler` is None when the run's own fixed-size sampler is kept."""
+
+    transforms: list[Transform] = field(default_factory=list)
+    protocol: SecAggProtocol | None = None
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    sampler: PoissonSampler | None = None
+    summary: list[str] = field(default_factory=list)
+
+
+def build_privacy(cfg: PrivacyConfig, *, client_ids: Sequence[str], cohort: int, rounds: int, strategy: Strategy,
+                  seed: int = 0) -> PrivacySetup:
+    """Objects for `cfg` in a run of `rounds` rounds sampling `cohort` of `client_ids` (the expected cohort
+    under Poisson sampling). Raises `ValueError` (or `PrivacyBudgetError`) for a setting it cannot honour."""
+    setup = PrivacySetup()
+    population = len(client_ids)
+    if cfg.sampling == "poisson":
+        setup.sampler = PoissonSampler(cohort / population, seed=seed)
+    secagg = SecAggConfig(clip_range=cfg.secagg_range or (cfg.dp_clip if cfg.central else 1.0), graph=cfg.secagg_graph,
+                          degree=cfg.secagg_degree, threshold=cfg.secagg_threshold) if cfg.secagg else None
+    if cfg.local:
+        setup.transforms.append(LocalDP(cfg.local_dp_clip, cfg.local_dp_noise, cfg.dp_delta))
+        setup.summary.append(f"local DP: clip {cfg.local_dp_clip:g}, noise multiplier {cfg.local_dp_noise:g} on every client")
+    if cfg.central:
+        setup.transforms.append(_central(cfg, population, cohort, rounds, strategy, secagg, setup.summary))
+    if secagg is not None:
+        refuse_strategy(strategy, "secure aggregation")
+        identities = Identities.generate(client_ids)
+        setup.protocol = SecAggProtocol(secagg, identities.registry, seed=seed)
+        setup.handlers = SecAggClient(identities.sign, identities.registry).handlers()
+        setup.summary.append(f"secure aggregation: {secagg.graph} graph, threshold {secagg.threshold:g} of each "
+                             f"neighbourhood, coordinates clipped to +-{secagg.clip_range:g}; update anomaly checks are off "
+                             "(they need individual updates)")
+    return setup
+
+
+def _central(cfg: PrivacyConfig, population: int, cohort: int, rounds: int, strategy: Strategy,
+             secagg: SecAggConfig | None, summary: list[str]) -> CentralDP:
+    if strategy.aggregator is not weighted_mean:
+        name = getattr(strategy.aggregator, "__name__", type(strategy.aggregator).__name__)
+        raise ValueError(f"central DP cannot be combined with the {name} aggregator: its noise is calibrated to the "
+                         "sensitivity of the mean of clipped updates, and a robust aggregator has a different one. "
+                         "Use the weighted mean; clipping already bounds each client's influence.")
+    z = cfg.dp_noise if cfg.dp_noise is not None else noise_for_epsilon(
+        cfg.target_epsilon, rounds, cfg.dp_delta, population=population, cohort=cohort, sampling=cfg.sampling,
+        accountant=cfg.accountant)
+    mechanism = SampledGaussian(z, population, cohort, cfg.sampling, cfg.accountant)
+    budget = cfg.epsilon_budget or cfg.target_epsilon
+    planned = mechanism.epsilon(rounds, cfg.dp_delta)
+    summary.append(f"central DP: clip {cfg.dp_clip:g}{' (adaptive)' if cfg.adaptive_clip else ''}, noise multiplier "
+                   f"{z:.4g}, epsilon {planned:.3f} at delta {cfg.dp_delta:g} after {rounds} rounds "
+                   f"({cfg.accountant.upper()}, {cfg.sampling} sampling of {cohort}/{population} clients)")
+    if budget is not None:
+        affordable = affordable_rounds(mechanism, budget, cfg.dp_delta, rounds)
+        if affordable == 0:
+            raise PrivacyBudgetError(f"refusing to start: one round already costs epsilon "
+                                     f"{mechanism.epsilon(1, cfg.dp_delta):.3f} > budget {budget:g}; raise the noise")
+        if affordable < rounds:
+            summary.append(f"the epsilon budget {budget:g} allows {affordable} of {rounds} rounds; the run stops there")
+    adaptive = AdaptiveClipping(cfg.clip_quantile, cfg.clip_lr, cfg.count_noise) if cfg.adaptive_clip else None
+    step = secagg.quantizer(population).step if secagg is not None else 0.0
+    return CentralDP(cfg.dp_clip, mechanism, cfg.dp_delta, budget=budget, adaptive=adaptive,
+                     verify_clipping=secagg is None, rounding_step=step)

@@ -1,0 +1,233 @@
+"""Server side of secure aggregation: a `RoundProtocol` that runs the stages through any pool's generic
+`exchange`, and sees only masked updates and, after unmasking, their sum.
+
+`collect` runs advertise -> share -> masked (training happens inside the masked stage) and returns each
+survivor's masked vector as its `Update`, so the round loop's checks (sender, round, shape) still apply.
+`aggregate` runs consistency -> unmask on the updates the loop accepted, removes the masks and returns
+the mean. Too few survivors at any stage raise `SecAggAbort`; the round loop then leaves the model as it was.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..messages import Message, as_bytes
+from ..server.pool import ClientPool
+from ..server.protocol import RoundProtocol
+from ..server.round_loop import RoundFailedError
+from ..strategies.base import Strategy
+from ..strategies.fedavg import weighted_mean
+from ..transforms.base import Transform
+from ..types import Config, Failure, State, Update
+from . import keys, prg, shamir
+from .client import holders_of
+from .graph import default_degree, neighbours
+from .protocol import (ADVERTISE, CONSISTENCY, MASKED, SHARE, UNMASK, RoundPlan, SecAggConfig, threshold_count)
+from .quantize import Quantizer
+
+log = logging.getLogger(__name__)
+
+
+class SecAggAbort(RoundFailedError):
+    """Secure aggregation could not finish safely; nothing was revealed beyond what the protocol allows and
+    the global model is unchanged."""
+
+
+@dataclass
+class _Round:
+    """What the server keeps between the stages of one round."""
+
+    rnd: int
+    graph: dict[str, list[str]]
+    threshold: int
+    quantizer: Quantizer
+    adverts: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # cid -> (c_pk, s_pk)
+    sharers: set[str] = field(default_factory=set)
+    masked: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def holders(self, cid: str) -> list[str]:
+        return holders_of(cid, [j for j in self.graph[cid] if j in self.adverts])
+
+
+def refuse_strategy(strategy: Strategy, what: str) -> None:
+    """Raise `ValueError` unless `strategy` aggregates with the weighted mean, the only aggregator that can
+    run on a sum (`what` names the feature that needs it)."""
+    if strategy.aggregator is not weighted_mean:
+        name = getattr(strategy.aggregator, "__name__", type(strategy.aggregator).__name__)
+        raise ValueError(
+            f"{what} cannot be combined with the {name} aggregator: {what} gives the server only the sum of the "
+            "clients' updates, and robust aggregators need each update on its own (to rank, trim or compare them). "
+            "Use the weighted mean, and bound each client's influence with client-side clipping (--dp-clip, or "
+            "the secure-aggregation clip range) instead."
+        )
+
+
+class SecAggProtocol(RoundProtocol):
+    """Secure aggregation over any pool. `registry` is the clients' identity public keys (the PKI);
+    `seed` makes the public neighbour graph reproducible. The aggregate is the unweighted mean of the
+    survivors' clipped, quantised updates (example counts would leak into the sum's scale)."""
+
+    name = "secagg"
+
+    def __init__(self, config: SecAggConfig, registry: Mapping[str, bytes], seed: int = 0) -> None:
+        self.config, self.registry, self.seed = config, registry, seed
+        self.last_sum: np.ndarray | None = None
+        self._round: _Round | None = None
+
+    def check(self, strategy: Strategy) -> None:
+        refuse_strategy(strategy, "secure aggregation")
+
+    def collect(
+        self, pool: ClientPool, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform]
+    ) -> list[Update | Failure]:
+        if not instructions:
+            return []
+        cohort = sorted(instructions)
+        rnd = int(next(iter(instructions.values()))["round"])
+        degree = None if self.config.graph == "full" else (self.config.degree or default_degree(len(cohort)))
+        graph = neighbours(cohort, degree, seed=[self.seed, rnd])
+        threshold = threshold_count(self.config.threshold, len(graph[cohort[0]]) + 1)
+        rs = self._round = _Round(rnd, graph, threshold, self.config.quantizer(len(cohort)))
+        failures: list[Failure] = []
+
+        plans = {c: RoundPlan(rnd, len(cohort), tuple(graph[c]), threshold, rs.quantizer.clip_range,
+                              rs.quantizer.levels, self.config.consistency_check) for c in cohort}
+        replies = self._stage(pool, ADVERTISE, {c: Message(ADVERTISE, meta=plans[c].to_meta()) for c in cohort}, failures)
+        for cid, reply in replies.items():
+            c_pk, s_pk = as_bytes(reply.tensors["c_pk"]), as_bytes(reply.tensors["s_pk"])
+            if self._signed(cid, reply, keys.advertisement(rnd, cid, c_pk, s_pk), failures):
+                rs.adverts[cid] = (c_pk, s_pk)
+        _require(rs, len(rs.adverts), ADVERTISE)
+
+        requests = {}
+        for cid in rs.adverts:
+            tensors = {}
+            for j in graph[cid]:
+                if j in rs.adverts:
+                    tensors[f"c_pk/{j}"] = replies[j].tensors["c_pk"]
+                    tensors[f"s_pk/{j}"] = replies[j].tensors["s_pk"]
+                    tensors[f"sig/{j}"] = replies[j].tensors["signature"]
+            requests[cid] = Message(SHARE, tensors, {"round": rnd})
+        shared = self._stage(pool, SHARE, requests, failures)
+        rs.sharers = set(shared)
+        _require(rs, len(rs.sharers), SHARE)
+
+        inbox: dict[str, dict[str, np.ndarray]] = {c: {} for c in rs.sharers}
+        for sender, reply in shared.items():
+            for name, blob in reply.tensors.items():
+                recipient = name[len("to/"):]
+                if name.startswith("to/") and recipient in inbox and recipient in graph[sender]:
+                    inbox[recipient][f"from/{sender}"] = blob
+        requests = {c: Message(MASKED, inbox[c], {"round": rnd, "sharers": sorted(rs.sharers), "config": instructions[c]})
+                    for c in sorted(rs.sharers)}
+        answers = self._stage(pool, MASKED, requests, failures, state=state, transforms=transforms,
+                              deadline=self.config.train_deadline)
+        updates: list[Update | Failure] = []
+        for cid, reply in answers.items():
+            y = reply.tensors.get("masked")
+            if not isinstance(y, np.ndarray) or y.dtype != np.uint32 or y.ndim != 1:
+                failures.append(Failure(cid, "rejected", "masked update must be a 1-D uint32 vector"))
+                continue
+            rs.masked[cid] = y
+            meta = reply.meta
+            updates.append(Update(cid, int(meta.get("round", -1)), y.astype(np.float64), int(meta.get("num_examples", 0)),
+                                  dict(meta.get("metrics", {})), bool(meta.get("partial", False))))
+        return updates + failures
+
+    def aggregate(self, pool: ClientPool, strategy: Strategy, updates: list[Update], rnd: int) -> np.ndarray:
+        rs = self._round
+        if rs is None or rs.rnd != rnd:
+            raise SecAggAbort(f"round {rnd}: no secure-aggregation state for this round")
+        self._round = None
+        survivors = sorted(u.client_id for u in updates if u.client_id in rs.masked)
+        _require(rs, len(survivors), MASKED)
+        for cid in survivors:
+            live = [j for j in rs.holders(cid) if j in survivors]
+            if len(live) < rs.threshold:
+                raise SecAggAbort(f"round {rnd}: only {len(live)} of client {cid}'s share holders survived, fewer than "
+                                  f"the threshold {rs.threshold}; aborting before any mask is revealed. "
+                                  "The global model is unchanged.")
+        base = {"round": rnd, "survivors": survivors}
+        failures: list[Failure] = []
+        signatures: dict[str, np.ndarray] = {}
+        if self.config.consistency_check:
+            confirmed = self._stage(pool, CONSISTENCY, {c: Message(CONSISTENCY, meta=base) for c in survivors}, failures)
+            statement = keys.survivors_statement(rnd, survivors)
+            for cid, reply in confirmed.items():
+                if self._signed(cid, reply, statement, failures):
+                    signatures[f"sig/{cid}"] = reply.tensors["signature"]
+            _require(rs, len(signatures), CONSISTENCY)
+        revealed = self._stage(pool, UNMASK, {c: Message(UNMASK, dict(signatures), base) for c in survivors}, failures)
+        total = self._unmask(rs, survivors, revealed)
+        self.last_sum = rs.quantizer.decode_sum(total, len(survivors))
+        return self.last_sum / len(survivors)
+
+    def _unmask(self, rs: _Round, survivors: list[str], revealed: Mapping[str, Message]) -> np.ndarray:
+        """Sum of the survivors' quantised updates: their masked vectors minus self masks and the pairwise
+        masks they share with clients that dropped after sharing keys."""
+        dim = next(iter(rs.masked.values())).size
+        total = np.zeros(dim, dtype=np.uint32)
+        for cid in survivors:
+            total += rs.masked[cid]
+        for cid in survivors:
+            total -= prg.expand(self._recover(rs, cid, "b", revealed), dim)
+        alive = set(survivors)
+        for gone in sorted(rs.sharers - alive):
+            s_sk = keys.load_private(self._recover(rs, gone, "s", revealed))
+            if keys.public_bytes(s_sk) != rs.adverts[gone][1]:
+                raise SecAggAbort(f"round {rs.rnd}: the recovered mask key of {gone} does not match its advertised key "
+                                  "(corrupted shares); the global model is unchanged.")
+            for peer in rs.graph[gone]:
+                if peer in alive:  # peer added sign(peer, gone) * mask; take it back out
+                    mask = prg.expand(keys.agree(s_sk, rs.adverts[peer][1], keys.pair_info("mask", rs.rnd, peer, gone)), dim)
+                    total = total - mask if peer < gone else total + mask
+        return total
+
+    def _recover(self, rs: _Round, owner: str, kind: str, revealed: Mapping[str, Message]) -> bytes:
+        holders = rs.holders(owner)
+        shares = {x: as_bytes(revealed[j].tensors[f"{kind}/{owner}"])
+                  for x, j in enumerate(holders, start=1) if j in revealed and f"{kind}/{owner}" in revealed[j].tensors}
+        if len(shares) < rs.threshold:
+            what = "self-mask seed" if kind == "b" else "mask key"
+            raise SecAggAbort(f"round {rs.rnd}: only {len(shares)} shares of the {what} of {owner} came back, fewer "
+                              f"than the threshold {rs.threshold}; the sum cannot be unmasked. The global model is unchanged.")
+        try:
+            return shamir.combine(shares, rs.threshold)
+        except shamir.ShamirError as exc:
+            raise SecAggAbort(f"round {rs.rnd}: shares of {owner} are corrupt ({exc}); the global model is unchanged.") from None
+
+    def _stage(
+        self, pool: ClientPool, stage: str, requests: dict[str, Message], failures: list[Failure], *,
+        state: State | None = None, transforms: Sequence[Transform] = (), deadline: float | None = None,
+    ) -> dict[str, Message]:
+        """Send one stage; return the replies of the right kind and record everyone else as failed."""
+        replies = pool.exchange(requests, state=state, transforms=transforms, deadline=deadline or self.config.deadline)
+        answered: dict[str, Message] = {}
+        for cid in requests:
+            reply = replies.get(cid)
+            if isinstance(reply, Message) and reply.kind == stage:
+                answered[cid] = reply
+                continue
+            failure = Failure(cid, reply.kind, f"{stage}: {reply.reason}") if isinstance(reply, Failure) else \
+                Failure(cid, "timeout", f"{stage}: no answer")
+            log.info("secure aggregation: client %s %s: %s", cid, failure.kind, failure.reason)
+            failures.append(failure)
+        return answered
+
+    def _signed(self, cid: str, reply: Message, statement: bytes, failures: list[Failure]) -> bool:
+        """Whether `reply` carries `cid`'s valid identity signature on `statement`; a forgery is a failure."""
+        try:
+            keys.verify(self.registry, cid, as_bytes(reply.tensors["signature"]), statement)
+            return True
+        except (keys.SecAggKeyError, KeyError) as exc:
+            failures.append(Failure(cid, "rejected", f"bad signature: {exc}"))
+            return False
+
+
+def _require(rs: _Round, count: int, stage: str) -> None:
+    if count < rs.threshold:
+        raise SecAggAbort(f"round {rs.rnd}: only {count} clients completed {stage}, fewer than the secure-aggregation "
+                          f"threshold {rs.threshold}; the round is aborted and the global model is unchanged.")

@@ -1,0 +1,40 @@
+"""`RoundProtocol`: how one round's results are gathered from the cohort and combined.
+
+The default is the plain round: one fit exchange, then the strategy's aggregator on the individual updates.
+A protocol of several exchanges (secure aggregation) overrides `collect` and `aggregate` and sends its
+stages as generic messages through `ClientPool.exchange`, with client-side handlers from `client_handlers`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ..messages import Handler
+from ..strategies.base import Strategy
+from ..transforms.base import Transform
+from ..types import Config, Failure, State, Update
+from .pool import ClientPool
+
+
+class RoundProtocol:
+    """The plain round."""
+
+    name = "plain"
+
+    def client_handlers(self) -> dict[str, Handler]:
+        """Handlers a client needs for this protocol's stages (message kind -> handler)."""
+        return {}
+
+    def check(self, strategy: Strategy) -> None:
+        """Raise `ValueError` at configuration time if `strategy` cannot run under this protocol."""
+
+    def collect(
+        self, pool: ClientPool, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform]
+    ) -> list[Update | Failure]:
+        """Run the cohort's local training and bring back one result per client."""
+        return pool.fit(state, instructions, transforms)
+
+    def aggregate(self, pool: ClientPool, strategy: Strategy, updates: list[Update], rnd: int) -> np.ndarray:
+        """Combine the accepted updates into the round's delta."""
+        return strategy.aggregate(updates)

@@ -1,0 +1,41 @@
+"""Pick a client pool by name: where and how simulated clients train."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from ..config import BACKENDS
+from ..messages import Handler
+from ..server.pool import ClientPool
+from .faults import FaultInjector
+from .inprocess import ClientFn, InProcessPool
+
+
+def make_pool(
+    backend: str,
+    client_fn: ClientFn,
+    client_ids: Sequence[str],
+    faults: FaultInjector | None = None,
+    *,
+    handlers: Mapping[str, Handler] | None = None,
+    ray_address: str | None = None,
+    workers: int | None = None,
+) -> ClientPool:
+    """"sequential": one client after another in this process (the reference); "vectorized": each cohort of
+    PyTorch clients trained at once with torch.func; "process": one forked worker per core; "ray": Ray actors,
+    local or on the cluster at `ray_address`. All give the sequential pool's results (the process and Ray
+    workers run one torch thread each, so compare with a sequential run on one thread)."""
+    if backend == "sequential":
+        return InProcessPool(client_fn, client_ids, faults, handlers)
+    if backend == "vectorized":
+        from .vectorized import VectorizedPool
+
+        return VectorizedPool(client_fn, client_ids, faults, handlers)
+    if backend == "process":
+        from .multiprocess import ProcessPool
+
+        return ProcessPool(InProcessPool(client_fn, client_ids, faults, handlers), workers)
+    if backend == "ray":
+        from .ray_pool import RayPool
+
+        return RayPool(InProcessPool(client_fn, client_ids, faults, handlers), address=ray_address, workers=workers)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,179 @@
+"""The deployment subcommands of `fedlearn`: `server`, `client`, `certs`, `status`.
+
+Heavy imports (gRPC, torch) happen inside the handlers, so `fedlearn --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..config import ConfigError
+
+SimFlag = tuple[str, str, type, str]
+_CLIENT_DATA_FLAGS = ("dataset", "data_path", "partition", "alpha", "shards_per_client", "num_clients", "model", "seed")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -> None:
+    """Add the deployment subcommands; `sim_flags` are the simulation's data flags, reused by `client`."""
+    server = sub.add_parser("server", help="serve a federated run to remote clients over gRPC",
+                            description="Serve a run: the task comes from --config (the sections of a simulation "
+                                        "config plus [server]); clients connect to it. See README, Deployment.")
+    server.add_argument("--config", type=Path, required=True, help="server.toml")
+    server.add_argument("--address", help="HOST:PORT to listen on (overrides [server] address)")
+    server.add_argument("--run-dir", help="run directory; restarting on the same one resumes the run")
+    server.add_argument("--insecure", action="store_true", help="no TLS (plain text; a warning is logged)")
+    server.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    client = sub.add_parser("client", help="run a client process that connects to a server",
+                            description="Connect to a server, train on each task, send signed results, "
+                                        "reconnect after lost connections. Data: a built-in data set's partition "
+                                        "(--dataset ... --client-index K) or your own (--client-module).")
+    client.add_argument("--server", required=True, help="server address HOST:PORT")
+    client.add_argument("--credentials", type=Path, required=True,
+                        help="this client's folder from `fedlearn certs` (client_id, identity.key, ca.pem, ...)")
+    client.add_argument("--insecure", action="store_true", help="no TLS (only if the server runs --insecure)")
+    client.add_argument("--retry-for", type=float, default=600.0,
+                        help="give up after this many seconds without a connection (default 600)")
+    client.add_argument("--client-index", type=int, help="which partition of the built-in data set (0-based)")
+    for flag, dest, kind, help_text in sim_flags:
+        if dest in _CLIENT_DATA_FLAGS:
+            client.add_argument(flag, dest=dest, type=kind, help=help_text + "; must match the server's", default=None)
+    client.add_argument("--client-module", metavar="MODULE:FUNCTION",
+                        help="your factory: FUNCTION(client_id, **client-args) returns a fedlearn.Client")
+    client.add_argument("--client-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword argument for the factory, repeatable")
+    client.add_argument("--app-dir", default=".", help="folder to import --client-module from (default .)")
+
+    certs = sub.add_parser("certs", help="create a CA, server certificate, client credentials and allow-list",
+                           description="Create (or extend) a credentials folder. Run again on the same folder to "
+                                       "add clients; the CA and server certificate are kept.")
+    certs.add_argument("--out", type=Path, required=True, help="credentials folder")
+    certs.add_argument("--server-name", action="append", default=[],
+                       help="DNS name or IP clients use to reach the server, repeatable (localhost and 127.0.0.1 "
+                            "are always included)")
+    group = certs.add_mutually_exclusive_group()
+    group.add_argument("--clients", type=int, help="create clients named 0..N-1")
+    group.add_argument("--client", action="append", default=[], metavar="ID", help="create a client named ID, repeatable")
+    certs.add_argument("--identity-only", action="store_true",
+                       help="on a client's machine: make only its identity key in --out and print the allow-list "
+                            "line for the server's operator (needs one --client)")
+
+    status = sub.add_parser("status", help="show a running server's round, clients and last metrics")
+    status.add_argument("--server", required=True, help="server address HOST:PORT")
+    status.add_argument("--ca", type=Path, help="CA certificate that signed the server's (default: from --credentials)")
+    status.add_argument("--credentials", type=Path, help="a client folder (for its CA and, with mutual TLS, certificate)")
+    status.add_argument("--insecure", action="store_true", help="no TLS")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from ..server import RoundFailedError
+    from .remote_pool import NotEnoughClientsError
+    from .server_process import load_server_config, serve_builtin
+
+    _log_structured()
+    cfg, settings = load_server_config(args.config)
+    for name in ("address", "run_dir"):
+        if getattr(args, name):
+            setattr(settings, name, getattr(args, name))
+    settings.insecure = settings.insecure or args.insecure
+    print(f"fedlearn server: {cfg.dataset}, {cfg.strategy}, {cfg.rounds} rounds, run directory {settings.run_dir}")
+    try:
+        result = serve_builtin(cfg, settings, show_progress=not args.quiet,
+                               on_listening=lambda port: print(f"listening on port {port}", flush=True))
+    except (NotEnoughClientsError, RoundFailedError, OSError) as exc:
+        print(f"fedlearn: error: {exc}", file=sys.stderr)
+        return 1
+    last = result.history.last
+    print(f"final test accuracy: {last.get('test_accuracy', float('nan')):.4f}  ({result.seconds:.1f}s)")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from ..cli import parse_params
+    from ..config import SimulationConfig
+    from .certs import ClientBundle
+    from .client_factory import builtin_client, user_client
+    from .client_process import ClientRejected, run_client
+
+    _log_structured()
+    bundle = ClientBundle.load(args.credentials)
+    if args.client_module:
+        client = user_client(args.client_module, bundle.client_id, parse_params(args.client_arg), args.app_dir)
+    elif args.client_index is not None:
+        values = {k: getattr(args, k) for k in _CLIENT_DATA_FLAGS if getattr(args, k) is not None}
+        client = builtin_client(SimulationConfig.from_dict(values), args.client_index, bundle.client_id)
+    else:
+        raise ConfigError("say where the data comes from: --client-index K (with --dataset ...) or --client-module")
+    try:
+        reason = run_client(client, args.server, identity=bundle.identity, tls=None if args.insecure else bundle.tls,
+                            retry_for=args.retry_for)
+    except (ClientRejected, ConnectionError) as exc:
+        print(f"fedlearn: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"done: {reason}")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from .certs import DEFAULT_SERVER_NAMES, create, create_identity
+
+    if args.identity_only:
+        if len(args.client) != 1:
+            raise ConfigError("--identity-only needs exactly one --client ID")
+        line = create_identity(args.out, args.client[0])
+        print(f"identity key written to {args.out / 'identity.key'}; send this line to the server's operator for "
+              f"its allow-list:\n{line}", end="")
+        return 0
+    ids = [str(i) for i in range(args.clients)] if args.clients is not None else args.client
+    folders = create(args.out, ids, args.server_name or DEFAULT_SERVER_NAMES)
+    print(f"credentials in {args.out}: ca.pem, server.pem/server.key, allowlist.txt")
+    for folder in folders:
+        print(f"  client bundle: {folder}")
+    print(f"keep {args.out / 'ca.key'} secret; give each client only its own folder")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .certs import ClientBundle
+    from .channels import ClientTLS
+    from .status import format_status, query_status
+
+    if args.insecure:
+        tls = None
+    elif args.credentials:
+        tls = ClientBundle.load(args.credentials).tls
+    elif args.ca:
+        tls = ClientTLS(args.ca)
+    else:
+        raise ConfigError("give --ca (or --credentials) to check the server's certificate, or --insecure")
+    try:
+        reply = query_status(args.server, tls)
+    except grpc.RpcError as exc:
+        print(f"fedlearn: error: no status from {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(format_status(reply, as_json=args.json))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "server": cmd_server, "client": cmd_client, "certs": cmd_certs, "status": cmd_status,
+}
+
+
+def _log_structured() -> None:
+    """Deployment processes log their key=value lines (INFO and up) with timestamps to stderr."""
+    logger = logging.getLogger("fedlearn")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

@@ -1,0 +1,218 @@
+"""A server process: the `Server` round loop over a `RemotePool`, served over gRPC, committing each round to
+the run store so that a server killed at any moment resumes from its last committed round when restarted on
+the same run directory (with the same run id, so reconnecting clients carry on).
+
+`DeploymentServer` is the Python API for any model; `serve_builtin` runs a built-in task from server.toml.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, SimulationConfig, load_toml
+from ..progress import RoundProgress
+from ..server import ClientSampler, RunStore, Server
+from ..server.anomaly import AnomalyChecks
+from ..server.protocol import RoundProtocol
+from ..server.round_loop import CentralEval
+from ..server.store import RoundRecord
+from ..simulate import SimulationResult, builtin_task, initial_model_state, write_outputs
+from ..strategies import Strategy
+from ..transforms.base import Transform
+from ..types import Config, State
+from . import fedlearn_pb2 as pb
+from .channels import ServerTLS, start_server
+from .identity import AllowList
+from .remote_pool import RemotePool
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+_PATHS = ("run_dir", "certificate", "private_key", "client_ca", "allow_list")
+
+
+@dataclass
+class ServerSettings:
+    """The [server] section of server.toml: where to listen, how to secure it, how long to wait.
+
+    Relative paths are relative to the config file's folder. `client_ca` turns on mutual TLS.
+    `wait_for_clients` = 0 waits for as many clients as a round samples (1 when sampling a fraction).
+    """
+
+    address: str = "0.0.0.0:8443"
+    run_dir: str = "runs/server"
+    certificate: str = "certs/server.pem"
+    private_key: str = "certs/server.key"
+    client_ca: str = ""
+    allow_list: str = "certs/allowlist.txt"
+    insecure: bool = False
+    round_deadline: float = 120.0
+    wait_for_clients: int = 0
+    wait_timeout: float = 600.0
+    max_connections: int = 256
+    handshake_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("round_deadline", "wait_timeout", "handshake_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"[server] {name} must be > 0, got {getattr(self, name)}")
+        if self.wait_for_clients < 0 or self.max_connections < 1:
+            raise ConfigError("[server] wait_for_clients must be >= 0 and max_connections >= 1")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base_dir: Path = Path(".")) -> "ServerSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown [server] setting(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        resolved = {k: str(base_dir / v) if k in _PATHS and v and not Path(v).is_absolute() else v
+                    for k, v in values.items()}
+        try:
+            return cls(**resolved)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def tls(self) -> ServerTLS | None:
+        if self.insecure:
+            return None
+        return ServerTLS(Path(self.certificate), Path(self.private_key), Path(self.client_ca) if self.client_ca else None)
+
+
+def load_server_config(path: str | Path) -> tuple[SimulationConfig, ServerSettings]:
+    """Read server.toml: the task (same sections as a simulation config) and the [server] section."""
+    flat = load_toml(path, extra_sections=("server",))
+    settings = ServerSettings.from_dict(flat.pop("server", {}), Path(path).parent)
+    return SimulationConfig.from_dict(flat), settings
+
+
+class DeploymentServer:
+    """Serves a federated run to remote clients: `start()` listens, `run()` runs the rounds, `stop()` ends.
+
+    The arguments are those of `Server`; a multi-exchange `protocol` (secure aggregation) runs its stages
+    through the pool, and each client process needs the protocol's `client_handlers()` (`run_client`).
+    """
+
+    def __init__(
+        self,
+        initial_state: State,
+        strategy: Strategy,
+        *,
+        rounds: int,
+        settings: ServerSettings,
+        clients_per_round: int | None = None,
+        fraction: float | None = None,
+        min_clients: int = 1,
+        eval_clients: int = 0,
+        central_eval: CentralEval | None = None,
+        transforms: Sequence[Transform] = (),
+        anomaly_checks: AnomalyChecks | None = AnomalyChecks(),
+        protocol: RoundProtocol | None = None,
+        fit_config: Config | None = None,
+        seed: int = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if clients_per_round is None and fraction is None:
+            fraction = 1.0
+        AllowList.load(settings.allow_list)  # fail now, not at the first connection
+        self.settings, self.rounds = settings, rounds
+        self.store = RunStore(settings.run_dir)
+        for key, value in (meta or {}).items():
+            self.store.set_meta(key, value)
+        self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex
+        self.store.set_meta("run_id", self.run_id)
+        self.pool = RemotePool(self.run_id, round_deadline=settings.round_deadline,
+                               min_available=settings.wait_for_clients or clients_per_round or 1,
+                               wait_timeout=settings.wait_timeout, fit_config=fit_config)
+        self.server = Server(self.pool, strategy, initial_state,
+                             sampler=ClientSampler(clients_per_round, fraction, seed=seed), min_clients=min_clients,
+                             transforms=transforms, central_eval=central_eval, eval_clients=eval_clients,
+                             store=self.store, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
+        self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout)
+        self.phase = "waiting"
+        self._grpc = None
+        self._round_started = time.perf_counter()
+
+    def start(self) -> int:
+        """Listen for clients; returns the port (useful with port 0)."""
+        self._grpc, port = start_server([self.service.handler()], self.settings.address, self.settings.tls(),
+                                        self.settings.max_connections)
+        log.info("event=listening address=%s port=%d run=%s tls=%s mutual_tls=%s resumed_at_round=%d",
+                 self.settings.address, port, self.run_id, not self.settings.insecure, bool(self.settings.client_ca),
+                 self.server.round)
+        return port
+
+    def run(self, show_progress: bool = False) -> SimulationResult:
+        """Run the remaining rounds, tell the clients the run is over, and write the run directory."""
+        start = time.perf_counter()
+        self.phase, self._round_started = "running", start
+        try:
+            if show_progress:
+                with RoundProgress(self.rounds, self.server.round) as progress:
+                    history = self.server.run(self.rounds, [self._log_round, progress])
+            else:
+                history = self.server.run(self.rounds, [self._log_round])
+        finally:
+            self.phase = "finished"
+            self.pool.finish(f"run {self.run_id} is over after round {self.server.round}")
+        result = SimulationResult(history, self.server.state, Path(self.settings.run_dir), time.perf_counter() - start)
+        write_outputs(result)
+        return result
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop serving (open streams get `grace` seconds to finish) and close the run store."""
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait()
+        self.store.close()
+
+    def status(self) -> pb.StatusReply:
+        rounds = self.server.history.rounds
+        return pb.StatusReply(run_id=self.run_id, state=self.phase, round=self.server.round, total_rounds=self.rounds,
+                              connected_clients=self.pool.connected(), last_metrics=rounds[-1].metrics if rounds else {},
+                              rejected_results=self.pool.rejected_count)
+
+    def _log_round(self, record: RoundRecord) -> None:
+        now = time.perf_counter()
+        stats, m = self.pool.last_stats.get("fit"), record.metrics
+        log.info("event=round round=%d clients_used=%d clients_failed=%d seconds=%.3f bytes_down=%d bytes_up=%d "
+                 "max_train_seconds=%.3f test_accuracy=%s", record.round, m.get("clients_used", 0),
+                 m.get("clients_failed", 0), now - self._round_started, stats.bytes_down if stats else 0,
+                 stats.bytes_up if stats else 0, stats.max_train_seconds if stats else 0.0,
+                 f"{m['test_accuracy']:.4f}" if "test_accuracy" in m else "-")
+        self._round_started = now
+
+
+def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progress: bool = False,
+                  on_listening: Callable[[int], None] | None = None) -> SimulationResult:
+    """Serve a built-in task (data set, model, strategy and robustness settings from `cfg`) until done.
+
+    The [client] settings (local_epochs, batch_size, lr, momentum) are sent with every fit task, so all
+    clients train as configured here. `on_listening(port)` is called once the server listens.
+    """
+    if cfg.attack:
+        raise ConfigError("attacks are simulated only; remove the [attack] section from the server config")
+    if cfg.privacy:
+        raise ConfigError("[privacy] is not supported by `fedlearn server` yet: client-side DP and secure "
+                          "aggregation need the same settings on every client; use the Python API "
+                          "(DeploymentServer with transforms and protocol; run_client with the matching transforms "
+                          "and the protocol's client_handlers())")
+    task = builtin_task(cfg)
+    server = DeploymentServer(
+        initial_model_state(task.model_fn, cfg.seed), task.strategy, rounds=cfg.rounds, settings=settings,
+        clients_per_round=cfg.clients_per_round, fraction=cfg.fraction, min_clients=task.robust.min_clients,
+        eval_clients=cfg.eval_clients, central_eval=task.robust.central_eval,
+        anomaly_checks=task.robust.anomaly_checks,
+        fit_config={k: asdict(cfg)[k] for k in ("local_epochs", "batch_size", "lr", "momentum")},
+        seed=cfg.seed, meta={"config": cfg.to_dict(), "server": asdict(settings)},
+    )
+    try:
+        port = server.start()
+        if on_listening is not None:
+            on_listening(port)
+        return server.run(show_progress=show_progress)
+    finally:
+        server.stop()

@@ -1,0 +1,159 @@
+"""Simulation engines: the vectorised cohort, worker processes and Ray give the sequential pool's results."""
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedlearn import ConfigError, Failure, FedAvg, FedProx, Update, simulate
+from fedlearn.data import federate, load_digits
+from fedlearn.serialize import SerializationError, encode_tensors
+from fedlearn.server import ClientSampler, Server
+from fedlearn.simulation import FaultInjector, InProcessPool
+from fedlearn.simulation.backends import make_pool
+from fedlearn.simulation.workers import decode_instructions, decode_results, encode_instructions, encode_results
+from fedlearn.torch import MLP, TorchClient, state_of
+from fedlearn.transforms import Transform
+
+DATA = federate(load_digits(), "dirichlet", 24, seed=1, alpha=0.5)  # unequal client sizes
+SIZES = sorted(len(y) for _, y in DATA.clients.values())
+
+
+def _mlp() -> torch.nn.Module:
+    return MLP(64, 10, hidden=(16,))
+
+
+def _client(cid: str, model_fn=_mlp, **kwargs) -> TorchClient:
+    x, y = DATA.clients[cid]
+    settings = {"batch_size": 8, "lr": 0.1, "local_epochs": 2, "momentum": 0.5, "weight_decay": 1e-3, **kwargs}
+    return TorchClient(cid, model_fn, x, y, **settings)
+
+
+class _ClipNorm(Transform):
+    """Client-side transform that also records the order it sees clients in."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def client(self, update, config):
+        self.seen.append(update.client_id)
+        update.delta = update.delta / max(1.0, float(np.linalg.norm(update.delta)) / 0.5)
+        return update
+
+
+def _run(pool, strategy, rounds=3, transforms=(), model_fn=_mlp):
+    torch.manual_seed(0)
+    server = Server(pool, strategy, state_of(model_fn()), sampler=ClientSampler(fraction=0.5, seed=2), seed=4,
+                    transforms=transforms, anomaly_checks=None)
+    try:
+        server.run(rounds)
+    finally:
+        pool.close()
+    return server
+
+
+FAULTS = FaultInjector(crash_rate=0.1, straggler_rate=0.4, seed=3)
+
+
+@pytest.mark.parametrize("strategy", [FedAvg(), FedProx(mu=0.5)], ids=["fedavg", "fedprox"])
+def test_vectorized_cohort_matches_sequential_pool(strategy):
+    assert SIZES[0] * 5 < SIZES[-1]  # the cohort mixes small and large clients
+    reference = _run(InProcessPool(_client, DATA.client_ids, FAULTS), strategy)
+    vectorized = _run(make_pool("vectorized", _client, DATA.client_ids, FAULTS), strategy)
+    relative = np.abs(vectorized.params - reference.params).max() / np.abs(reference.params).max()
+    assert 0 < relative < 1e-5  # batched kernels round differently, but only just
+    for a, b in zip(reference.history.rounds, vectorized.history.rounds):
+        assert a.participants == b.participants and a.failures == b.failures
+        assert a.metrics["train_loss"] == pytest.approx(b.metrics["train_loss"], rel=1e-5)
+    assert any(f.kind == "crash" for r in reference.history.rounds for f in r.failures)
+
+
+class _Normed(torch.nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+
+class _Dropped(torch.nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(torch.nn.Linear(64, 16), torch.nn.Dropout(0.2), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+
+def test_models_it_cannot_vectorise_fall_back_with_a_log_line(caplog):
+    def normed(cid):
+        return _client(cid, _Normed)
+
+    def dropped(cid):
+        return _client(cid, _Dropped)
+
+    with caplog.at_level(logging.WARNING, logger="fedlearn.simulation.vectorized"):
+        fallback = _run(make_pool("vectorized", normed, DATA.client_ids), FedAvg(), rounds=2, model_fn=_Normed)
+        reference = _run(InProcessPool(normed, DATA.client_ids), FedAvg(), rounds=2, model_fn=_Normed)
+        np.testing.assert_array_equal(fallback.params, reference.params)
+        before = state_of(_Dropped())
+        dropout = _run(make_pool("vectorized", dropped, DATA.client_ids), FedAvg(), rounds=1, model_fn=_Dropped)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("_Normed has buffers" in m for m in messages)
+    assert any("cannot vectorise _Dropped" in m for m in messages)
+    assert dropout.history.rounds[0].metrics["clients_used"] == 12 and np.isfinite(dropout.params).all()
+    assert dropout.params.shape == np.concatenate([v.ravel() for v in before.values()]).shape
+
+
+def test_process_pool_is_identical_to_sequential_pool_with_transforms_in_cohort_order():
+    order_seq, order_proc = _ClipNorm(), _ClipNorm()
+    reference = _run(InProcessPool(_client, DATA.client_ids, FAULTS), FedProx(mu=0.1), transforms=[order_seq])
+    processes = _run(make_pool("process", _client, DATA.client_ids, FAULTS, workers=2), FedProx(mu=0.1),
+                     transforms=[order_proc])
+    np.testing.assert_array_equal(processes.params, reference.params)
+    assert order_proc.seen == order_seq.seen and len(order_seq.seen) > 20
+    assert [r.failures for r in processes.history.rounds] == [r.failures for r in reference.history.rounds]
+
+
+def test_ray_pool_on_two_local_cpus_matches_sequential_pool(monkeypatch):
+    ray = pytest.importorskip("ray")
+    from fedlearn.simulation.ray_pool import RayPool
+
+    # Ray workers import this module to rebuild `_client`
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        pool = RayPool(InProcessPool(_client, DATA.client_ids, FAULTS))
+        assert pool.size == 2
+        remote = _run(pool, FedAvg(), rounds=2)
+    finally:
+        ray.shutdown()
+    reference = _run(InProcessPool(_client, DATA.client_ids, FAULTS), FedAvg(), rounds=2)
+    np.testing.assert_array_equal(remote.params, reference.params)
+
+
+def test_backend_setting_reaches_the_pool_and_bad_names_are_refused():
+    small = {"num_clients": 12, "clients_per_round": 6, "rounds": 2, "local_epochs": 1, "eval_clients": 0}
+    sequential = simulate(small).final_state
+    for backend in ("vectorized", "process"):
+        other = simulate({**small, "backend": backend}).final_state
+        for name, value in sequential.items():
+            np.testing.assert_allclose(other[name], value, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        simulate({**small, "backend": "gpu-cluster"})
+    with pytest.raises(ConfigError, match="ray_address needs backend 'ray'"):
+        simulate({**small, "ray_address": "auto"})
+
+
+def test_worker_messages_round_trip_and_refuse_objects():
+    instructions = {"a": {"round": 3, "seed": 7, "lr": 0.5, "name": "x", "flag": True, "mu": np.float32(0.25)},
+                    "b": {"round": 3, "gradient_correction": np.arange(4.0)}}
+    back = decode_instructions(encode_instructions(instructions))
+    assert back["a"] == {"round": 3, "seed": 7, "lr": 0.5, "name": "x", "flag": True, "mu": 0.25}
+    np.testing.assert_array_equal(back["b"]["gradient_correction"], np.arange(4.0))
+    with pytest.raises(SerializationError, match="numbers, strings, booleans and numpy arrays"):
+        encode_instructions({"a": {"callback": print}})
+    results = [Update("a", 2, np.arange(3.0), 5, {"train_loss": float("nan")}, partial=True,
+                      extras={"mean_gradient": np.ones(3)}),
+               Failure("b", "crash", "disk full")]
+    a, b = decode_results(encode_results(results))
+    assert (a.client_id, a.round, a.num_examples, a.partial) == ("a", 2, 5, True) and np.isnan(a.metrics["train_loss"])
+    np.testing.assert_array_equal(a.extras["mean_gradient"], np.ones(3))
+    assert b == results[1]
+    with pytest.raises(SerializationError, match="neither an update nor a failure"):
+        decode_results(encode_tensors({}, {"kind": "fit-results", "results": [{"update": 3}]}))

@@ -1,0 +1,252 @@
+"""Secure aggregation: primitives, the protocol over the in-process pool, dropouts, aborts, forged keys."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from fedlearn import InProcessPool, simulate
+from fedlearn.aggregators import make_aggregator
+from fedlearn.messages import Message, decode_message, encode_message, from_bytes
+from fedlearn.privacy import CentralDP, SampledGaussian
+from fedlearn.secagg import Identities, Quantizer, SecAggAbort, SecAggClient, SecAggConfig, SecAggProtocol
+from fedlearn.secagg import keys, prg, shamir
+from fedlearn.secagg.graph import neighbours
+from fedlearn.secagg.protocol import ADVERTISE, MASKED, SHARE, UNMASK
+from fedlearn.server import ClientSampler, Server
+from fedlearn.strategies import make_strategy
+from vector_clients import VectorClient, known_delta, zero_state
+
+DIM = 2000
+
+
+def secagg_server(n: int, config: SecAggConfig, *, dim: int = DIM, failing: dict | None = None, transforms=()):
+    """A server over n vector clients with secure aggregation; `failing` maps stage -> client ids whose
+    handler for that stage raises (the client vanished there)."""
+    ids = [str(i) for i in range(n)]
+    identities = Identities.generate(ids)
+    handlers = SecAggClient(identities.sign, identities.registry).handlers()
+    for stage, gone in (failing or {}).items():
+        handlers[stage] = _vanishing(handlers[stage], set(gone))
+    protocol = SecAggProtocol(config, identities.registry, seed=1)
+    pool = InProcessPool(lambda cid: VectorClient(cid, dim), ids, handlers=handlers)
+    server = Server(pool, make_strategy("fedavg"), zero_state(dim), sampler=ClientSampler(fraction=1.0),
+                    protocol=protocol, anomaly_checks=None, transforms=transforms)
+    return server, protocol
+
+
+def _vanishing(handler, gone: set[str]):
+    def handle(session, message):
+        if session.cid in gone:
+            raise ConnectionError("client vanished")
+        return handler(session, message)
+    return handle
+
+
+def plain_sum(ids, dim: int = DIM) -> np.ndarray:
+    return sum(known_delta(c, dim) for c in ids)
+
+
+# primitives
+
+def test_shamir_any_threshold_subset_recovers_and_fewer_do_not():
+    secret = b"\x00\x01" + bytes(range(30))  # leading zero bytes must survive
+    shares = shamir.split(secret, list(range(1, 8)), threshold=4)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        xs = rng.choice(np.arange(1, 8), size=4, replace=False)
+        assert shamir.combine({int(x): shares[int(x)] for x in xs}, 4) == secret
+    with pytest.raises(shamir.ShamirError, match="need 4 shares"):
+        shamir.combine({x: shares[x] for x in (1, 2, 3)}, 4)
+    # three shares interpolated as if the threshold were 3 give a different polynomial: not the secret
+    try:
+        wrong = shamir.combine({x: shares[x] for x in (1, 2, 3)}, 3)
+    except shamir.ShamirError:
+        wrong = None
+    assert wrong != secret
+
+
+def test_prg_is_seeded_by_the_whole_key_and_uniform():
+    seed = bytes(range(32))
+    a = prg.expand(seed, 50_000)
+    assert np.array_equal(a, prg.expand(seed, 50_000))
+    assert not np.array_equal(a, prg.expand(seed[:31] + b"\xff", 50_000))  # last byte matters: no truncation
+    counts = np.bincount(a >> 26, minlength=64)
+    chi2 = ((counts - a.size / 64) ** 2 / (a.size / 64)).sum()
+    assert chi2 < 110  # df 63: p ~ 0.0002
+    with pytest.raises(ValueError, match="32 bytes"):
+        prg.expand(b"short", 10)
+
+
+def test_stochastic_quantisation_is_unbiased_and_guards_the_ring():
+    q = Quantizer(1.0, 101)
+    x = np.full(200_000, 0.123)
+    decoded = q.decode_sum(q.encode(x, np.random.default_rng(0)), 1)
+    assert abs(decoded.mean() - 0.123) < 1e-3
+    assert np.abs(decoded - 0.123).max() <= q.step + 1e-12
+    assert q.decode_sum(q.encode(np.array([5.0, -5.0]), np.random.default_rng(0)), 1).tolist() == [1.0, -1.0]
+    with pytest.raises(ValueError, match="overflow"):
+        Quantizer(1.0, 2**31).check_cohort(3)
+
+
+def test_sparse_graph_is_symmetric_and_regular():
+    cohort = [str(i) for i in range(40)]
+    graph = neighbours(cohort, 8, seed=[0, 1])
+    assert all(len(v) == 8 for v in graph.values())
+    assert all(c in graph[j] for c, ns in graph.items() for j in ns)
+
+
+def test_messages_round_trip_through_the_checked_wire_format():
+    message = Message(MASKED, {"masked": np.arange(5, dtype=np.uint32), "sig/3": from_bytes(b"abc")}, {"round": 2})
+    back = decode_message(encode_message(message))
+    assert back.kind == MASKED and back.meta == {"round": 2}
+    assert np.array_equal(back.tensors["masked"], message.tensors["masked"])
+
+
+# the protocol
+
+@pytest.mark.parametrize("config", [SecAggConfig(graph="full"), SecAggConfig(graph="sparse", degree=6)])
+def test_unmasked_sum_equals_plain_sum_within_quantisation_error(config):
+    n = 16
+    server, protocol = secagg_server(n, config)
+    server.run(1)
+    step = config.quantizer(n).step
+    error = np.abs(protocol.last_sum - plain_sum([str(i) for i in range(n)]))
+    assert error.max() <= n * step
+    assert np.allclose(server.params, protocol.last_sum / n)
+
+
+def test_masked_update_the_server_sees_is_uniform():
+    n = 8
+    server, protocol = secagg_server(n, SecAggConfig(graph="full"), dim=40_000)
+    instructions = {str(i): {"round": 1, "seed": 0} for i in range(n)}
+    seen = protocol.collect(server.pool, server.state, instructions, [])
+    masked = seen[0].delta.astype(np.uint64)
+    plain = SecAggConfig().quantizer(n).encode(known_delta(seen[0].client_id, 40_000), np.random.default_rng(0))
+
+    def chi2(values: np.ndarray) -> float:
+        counts = np.bincount((values >> 26).astype(np.int64), minlength=64)
+        return float(((counts - values.size / 64) ** 2 / (values.size / 64)).sum())
+
+    assert chi2(masked) < 110  # indistinguishable from uniform on Z_2^32 (df 63, p ~ 0.0002)
+    assert chi2(plain.astype(np.uint64)) > 10_000  # the unmasked quantised update is far from uniform
+    assert abs(np.corrcoef(masked.astype(float), plain.astype(float))[0, 1]) < 0.03
+
+
+@pytest.mark.parametrize("stage", [MASKED, UNMASK])
+def test_a_third_dropping_after_masking_still_recovers_the_survivors_sum(stage):
+    n = 12
+    gone = {"1", "5", "9", "10"}
+    server, protocol = secagg_server(n, SecAggConfig(graph="full"), failing={stage: gone})
+    server.run(1)
+    # dropped while training: not in the sum; dropped at unmasking: their masked input is already in it
+    included = [str(i) for i in range(n) if stage == UNMASK or str(i) not in gone]
+    assert np.abs(protocol.last_sum - plain_sum(included)).max() <= n * SecAggConfig().quantizer(n).step
+
+
+def test_sparse_graph_recovers_from_dropouts():
+    n = 30
+    server, protocol = secagg_server(n, SecAggConfig(graph="sparse", degree=12), failing={MASKED: {"3", "17", "22"}})
+    server.run(1)
+    included = [str(i) for i in range(n) if str(i) not in {"3", "17", "22"}]
+    assert np.abs(protocol.last_sum - plain_sum(included)).max() <= n * SecAggConfig().quantizer(n).step
+
+
+def test_fewer_than_threshold_survivors_abort_and_leave_the_model_unchanged():
+    n = 12  # threshold 7 of 12
+    server, _ = secagg_server(n, SecAggConfig(graph="full"), failing={MASKED: {str(i) for i in range(6)}})
+    before = server.params.copy()
+    with pytest.raises(SecAggAbort, match="fewer than the secure-aggregation threshold 7.*unchanged"):
+        server.run(1)
+    assert np.array_equal(server.params, before) and server.round == 0
+
+
+def test_a_stalled_client_cannot_hang_the_round():
+    n = 8
+    ids = [str(i) for i in range(n)]
+    identities = Identities.generate(ids)
+    handlers = SecAggClient(identities.sign, identities.registry).handlers()
+    advertise = handlers[ADVERTISE]
+
+    def stall(session, message):
+        if session.cid == "4":
+            time.sleep(30)
+        return advertise(session, message)
+
+    handlers[ADVERTISE] = stall
+    pool = InProcessPool(lambda cid: VectorClient(cid, DIM), ids, handlers=handlers)
+    protocol = SecAggProtocol(SecAggConfig(graph="full", deadline=0.3), identities.registry)
+    server = Server(pool, make_strategy("fedavg"), zero_state(DIM), sampler=ClientSampler(fraction=1.0),
+                    protocol=protocol, anomaly_checks=None)
+    start = time.perf_counter()
+    record = server.run_round(1)
+    assert time.perf_counter() - start < 10
+    assert any(f.client_id == "4" and f.kind == "timeout" for f in record.failures)
+    assert np.abs(protocol.last_sum - plain_sum([c for c in ids if c != "4"])).max() <= n * SecAggConfig().quantizer(n).step
+
+
+# an active server
+
+def _advertised(n: int):
+    ids = [str(i) for i in range(n)]
+    identities = Identities.generate(ids)
+    client = SecAggClient(identities.sign, identities.registry)
+    pool = InProcessPool(lambda cid: VectorClient(cid, DIM), ids, handlers=client.handlers())
+    plan = {"round": 1, "cohort_size": n, "threshold": n // 2 + 1, "clip_range": 1.0, "levels": 1000,
+            "consistency_check": True}
+    replies = pool.exchange({c: Message(ADVERTISE, meta={**plan, "neighbours": [d for d in ids if d != c]}) for c in ids})
+    return ids, pool, replies
+
+
+def test_clients_refuse_a_swapped_key_advertisement():
+    ids, pool, replies = _advertised(4)
+    tensors = {}
+    for j in ids[1:]:
+        tensors.update({f"c_pk/{j}": replies[j].tensors["c_pk"], f"s_pk/{j}": replies[j].tensors["s_pk"],
+                        f"sig/{j}": replies[j].tensors["signature"]})
+    tensors["s_pk/2"] = from_bytes(keys.public_bytes(keys.load_private(bytes(32))))  # the server's own key
+    result = pool.exchange({"0": Message(SHARE, tensors, {"round": 1})})["0"]
+    assert result.kind == "crash" and "signature of client '2' does not verify" in result.reason
+
+
+def test_clients_refuse_unsafe_plans_and_out_of_order_stages():
+    ids, pool, _ = _advertised(4)
+    low = {"round": 1, "cohort_size": 4, "threshold": 2, "clip_range": 1.0, "levels": 1000,
+           "consistency_check": True, "neighbours": ["1", "2", "3"]}
+    assert "unsafe threshold" in pool.exchange({"0": Message(ADVERTISE, meta=low)})["0"].reason
+    skipped = pool.exchange({"1": Message(UNMASK, meta={"round": 1, "survivors": ids})})["1"]
+    assert "before the survivor set was confirmed" in skipped.reason
+
+
+def test_robust_aggregators_are_refused_with_the_reason():
+    strategy = make_strategy("fedavg")
+    strategy.aggregator = make_aggregator("median")
+    pool = InProcessPool(lambda cid: VectorClient(cid, DIM), ["0", "1"])
+    with pytest.raises(ValueError, match="only the sum.*need each update on its own.*client-side clipping"):
+        Server(pool, strategy, zero_state(DIM), sampler=ClientSampler(fraction=1.0),
+               protocol=SecAggProtocol(SecAggConfig(), {}))
+
+
+def test_dp_noise_with_secure_aggregation_matches_the_formula():
+    n, dim, clip, z = 10, 40_000, 1.0, 2.0
+    config = SecAggConfig(graph="full", clip_range=clip)
+    step = config.quantizer(n).step
+    dp = CentralDP(clip, SampledGaussian(z, 100, n, "fixed"), 1e-5, verify_clipping=False, rounding_step=step,
+                   rng=np.random.default_rng(3))
+    server, protocol = secagg_server(n, config, dim=dim, transforms=[dp])
+    server.run(1)
+    clipped_sum = protocol.last_sum
+    noise = server.params - clipped_sum / n
+    expected = z * (clip + step * np.sqrt(dim)) / n
+    assert abs(noise.std() / expected - 1) < 0.02
+    assert abs(noise.mean()) < 4 * expected / np.sqrt(dim)
+
+
+def test_simulate_with_secure_aggregation_learns_like_the_plain_run():
+    base = {"dataset": "digits", "num_clients": 20, "partition": "iid", "clients_per_round": 10, "rounds": 5,
+            "local_epochs": 3, "batch_size": 8, "eval_clients": 0, "seed": 0}
+    plain = simulate(base)
+    secure = simulate({**base, "privacy": {"secagg": True, "secagg_graph": "full"}})
+    assert secure.accuracy > 0.85  # IID clients of equal size: the unweighted mean is FedAvg's weighted one
+    assert abs(secure.accuracy - plain.accuracy) < 0.02

@@ -1,0 +1,137 @@
+"""Helpers for the deployment tests: free ports, client processes, a cuttable TCP proxy, small clients.
+
+The clients here are also loaded by client processes through `--client-module transport_support:...`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from fedlearn import Client, Layout, Update
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TESTS = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def fedlearn_process(args: list[str], log: Path) -> subprocess.Popen:
+    """`fedlearn ARGS` as a separate process, output to `log`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "fedlearn.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=TESTS)
+
+
+class ConstantClient(Client):
+    """Numpy-only client: its update is `step` in every coordinate; it can wait before answering and leave
+    a marker file when a round's training starts (so a test can kill it mid-round)."""
+
+    def __init__(self, cid: str, step: float = 1.0, delay: float = 0.0, marker_dir: str = "",
+                 slow_rounds: str = "") -> None:
+        super().__init__(cid)
+        self.step, self.delay, self.marker_dir = step, delay, marker_dir
+        self.slow_rounds = {int(r) for r in str(slow_rounds).split(",") if r}
+
+    def fit(self, state, config):
+        rnd = int(config["round"])
+        if self.marker_dir:
+            Path(self.marker_dir, f"{self.cid}-round{rnd}").touch()
+        if not self.slow_rounds or rnd in self.slow_rounds:
+            time.sleep(self.delay)
+        size = Layout.of(state).size
+        return Update(self.cid, rnd, np.full(size, self.step), 10, {"train_loss": 1.0})
+
+    def evaluate(self, state, config):
+        return {"accuracy": 1.0, "num_examples": 5.0}
+
+
+def make_constant_client(client_id: str, **kwargs) -> ConstantClient:
+    return ConstantClient(client_id, **kwargs)
+
+
+def big_state(megabytes: float) -> "OrderedDict[str, np.ndarray]":
+    """A float64 model of the given size (float64, so that its update, a float64 delta, is the same size)."""
+    n = int(megabytes * 2**20 / 8)
+    return OrderedDict(embedding=np.zeros(n - 1000), head=np.zeros(1000))
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to a target port; `cut()` drops every open connection (the listener stays),
+    like a network failure between a client and the server."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self.listener.close()
