@@ -39,7 +39,9 @@ ROWS: dict[str, tuple[str, dict[str, Any], bool]] = {
 ATTACKS = ("none", "label_flip", "sign_flip", "noise", "alie", "ipm", "backdoor")
 
 
-def run_cell(aggregator: str, params: dict[str, Any], checks: bool, attack: str, rounds: int, seed: int) -> dict[str, float]:
+def run_cell(
+    aggregator: str, params: dict[str, Any], checks: bool, attack: str, rounds: int, seed: int
+) -> dict[str, float]:
     """Final metrics of one (aggregator, attack) run."""
     config = {**SCENARIO, "rounds": rounds, "seed": seed, "aggregator": aggregator, "aggregator_params": params,
               "anomaly_checks": checks, "attack": "" if attack == "none" else attack}

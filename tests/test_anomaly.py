@@ -92,7 +92,7 @@ class FixedClient(Client):
 def test_flagged_updates_are_excluded_stored_counted_and_summarised(tmp_path, capsys):
     from fedlearn.cli import print_flagged
 
-    deltas = dict(zip([f"c{i}" for i in range(12)], honest_crowd(12)))
+    deltas = dict(zip([f"c{i}" for i in range(12)], honest_crowd(12), strict=True))
     deltas["c5"] = deltas["c5"] * 50.0
     state = OrderedDict(w=np.zeros(D))
     result = run_simulation(lambda cid: FixedClient(cid, deltas[cid]), list(deltas), initial_state=state, rounds=3,

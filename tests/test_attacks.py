@@ -16,7 +16,7 @@ IDS = [f"c{i}" for i in range(6)]
 
 def round_updates() -> list[Update]:
     deltas = [[1.0, -2.0], [3.0, -4.0], [2.0, 0.0], [4.0, -2.0], [10.0, 10.0], [20.0, 20.0]]
-    return [Update(cid, 1, np.array(d), 5) for cid, d in zip(IDS, deltas)]
+    return [Update(cid, 1, np.array(d), 5) for cid, d in zip(IDS, deltas, strict=True)]
 
 
 def forged(attack, updates: list[Update]) -> dict[str, np.ndarray]:

@@ -128,6 +128,19 @@ def test_central_dp_and_secure_aggregation_refuse_robust_aggregators():
         build_privacy(PrivacyConfig(secagg=True), client_ids=ids, cohort=10, rounds=2, strategy=strategy)
 
 
+@pytest.mark.parametrize("settings, feature", [({"dp_clip": 1.0, "dp_noise": 1.0}, "differential privacy"),
+                                               ({"local_dp_clip": 1.0, "local_dp_noise": 1.0}, "differential privacy"),
+                                               ({"secagg": True}, "secure aggregation")])
+def test_privacy_refuses_strategies_whose_clients_upload_extras(settings, feature):
+    """SCAFFOLD's control variates travel beside the delta, where no clipping, noise or mask reaches them."""
+    ids = [str(i) for i in range(20)]
+    with pytest.raises(ValueError, match=f"{feature} cannot be combined with the scaffold strategy: its clients also "
+                                         "upload mean_gradient"):
+        build_privacy(PrivacyConfig(**settings), client_ids=ids, cohort=10, rounds=2, strategy=make_strategy("scaffold"))
+    assert build_privacy(PrivacyConfig(**settings), client_ids=ids, cohort=10, rounds=2,
+                         strategy=make_strategy("fedavg")).summary
+
+
 def test_local_dp_noises_on_the_client_and_reports_each_clients_epsilon():
     n, dim, clip, z = 4, 40_000, 1.0, 0.5
     ldp = LocalDP(clip, z, 1e-5, rng=np.random.default_rng(4))

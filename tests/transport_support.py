@@ -45,6 +45,17 @@ def fedlearn_process(args: list[str], log: Path) -> subprocess.Popen:
                                 env=env, cwd=TESTS)
 
 
+def mark_and_wait(cid: str, rnd: int, marker_dir: str, delay: float, slow_rounds: str) -> None:
+    """Leave a marker file `<cid>-round<rnd>` in `marker_dir` (if given) when training starts, then wait
+    `delay` seconds in the rounds listed in `slow_rounds` ("2,3"; every round when empty), so that a test
+    can kill the client mid-training."""
+    if marker_dir:
+        Path(marker_dir, f"{cid}-round{rnd}").touch()
+    slow = {int(r) for r in str(slow_rounds).split(",") if r}
+    if not slow or rnd in slow:
+        time.sleep(delay)
+
+
 class ConstantClient(Client):
     """Numpy-only client: its update is `step` in every coordinate; it can wait before answering and leave
     a marker file when a round's training starts (so a test can kill it mid-round)."""
@@ -52,15 +63,11 @@ class ConstantClient(Client):
     def __init__(self, cid: str, step: float = 1.0, delay: float = 0.0, marker_dir: str = "",
                  slow_rounds: str = "") -> None:
         super().__init__(cid)
-        self.step, self.delay, self.marker_dir = step, delay, marker_dir
-        self.slow_rounds = {int(r) for r in str(slow_rounds).split(",") if r}
+        self.step, self.delay, self.marker_dir, self.slow_rounds = step, delay, marker_dir, slow_rounds
 
     def fit(self, state, config):
         rnd = int(config["round"])
-        if self.marker_dir:
-            Path(self.marker_dir, f"{self.cid}-round{rnd}").touch()
-        if not self.slow_rounds or rnd in self.slow_rounds:
-            time.sleep(self.delay)
+        mark_and_wait(self.cid, rnd, self.marker_dir, self.delay, self.slow_rounds)
         size = Layout.of(state).size
         return Update(self.cid, rnd, np.full(size, self.step), 10, {"train_loss": 1.0})
 
@@ -70,6 +77,32 @@ class ConstantClient(Client):
 
 def make_constant_client(client_id: str, **kwargs) -> ConstantClient:
     return ConstantClient(client_id, **kwargs)
+
+
+class MarkedDigitsClient(Client):
+    """Partition `index` of the built-in digits data, training as a simulation's client does, with the
+    marker and wait of `mark_and_wait` before training."""
+
+    def __init__(self, cid: str, index: int, num_clients: int, delay: float = 0.0, marker_dir: str = "",
+                 slow_rounds: str = "") -> None:
+        from fedlearn.config import SimulationConfig
+        from fedlearn.transport.client_factory import builtin_client
+
+        super().__init__(cid)
+        self.inner = builtin_client(SimulationConfig.from_dict({"dataset": "digits", "num_clients": num_clients}),
+                                    index, cid)
+        self.delay, self.marker_dir, self.slow_rounds = delay, marker_dir, slow_rounds
+
+    def fit(self, state, config):
+        mark_and_wait(self.cid, int(config["round"]), self.marker_dir, self.delay, self.slow_rounds)
+        return self.inner.fit(state, config)
+
+    def evaluate(self, state, config):
+        return self.inner.evaluate(state, config)
+
+
+def make_digits_client(client_id: str, **kwargs) -> MarkedDigitsClient:
+    return MarkedDigitsClient(client_id, **kwargs)
 
 
 def big_state(megabytes: float) -> "OrderedDict[str, np.ndarray]":

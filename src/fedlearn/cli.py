@@ -159,7 +159,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         robust = (f" + {config.aggregator}" if config.aggregator else "") + (
             f", attack {config.attack} by {config.attack_fraction:.0%} of clients" if config.attack else "")
         print(f"fedlearn: {config.dataset}, {config.num_clients} clients ({config.partition}), "
-              f"{config.strategy}{robust}, {config.rounds} rounds, seed {config.seed}")
+              f"{config.strategy}{robust}, {config.rounds} rounds, seed {config.seed}", flush=True)
     result = simulate(config, run_dir=run_dir, resume=resume, show_progress=not args.quiet)
     last = result.history.last
     print(f"final test accuracy: {last.get('test_accuracy', float('nan')):.4f}  "

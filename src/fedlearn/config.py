@@ -137,7 +137,8 @@ class SimulationConfig:
 
 # TOML (section, key) -> field name, where they differ.
 _RENAMES = {("model", "name"): "model", ("strategy", "name"): "strategy", ("aggregator", "name"): "aggregator",
-            ("attack", "name"): "attack", ("attack", "fraction"): "attack_fraction", ("anomaly", "enabled"): "anomaly_checks"}
+            ("attack", "name"): "attack", ("attack", "fraction"): "attack_fraction",
+            ("anomaly", "enabled"): "anomaly_checks"}
 _SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults", "aggregator", "attack", "anomaly", "privacy",
              "simulation")
 # Sections whose keys (other than those renamed above) are free-form parameters of the named plug-in.

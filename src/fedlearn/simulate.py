@@ -95,6 +95,9 @@ def builtin_task(cfg: SimulationConfig) -> BuiltinTask:
     robust = robustness_setup(cfg, data, model_fn)  # attackers' data poisoned, aggregator, anomaly checks
     strategy = make_strategy(cfg.strategy, **cfg.strategy_params)
     if robust.aggregator is not None:
+        if not strategy.takes_aggregator:
+            raise ConfigError(f"strategy {strategy.name!r} combines updates by its own rule and cannot use the "
+                              f"{cfg.aggregator!r} aggregator; use fedavg, fedprox, a FedOpt strategy or scaffold")
         strategy.aggregator = robust.aggregator
     return BuiltinTask(cfg, data, model_fn, robust, strategy)
 

@@ -21,8 +21,13 @@ def check_enough(name: str, n: int, needed: int, rule: str) -> None:
         )
 
 
+def check_whole(what: str, value: int, minimum: int) -> int:
+    """`value` as an int, refused unless it is a whole number >= `minimum` (`what` names it in the error)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{what} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_f(f: int) -> int:
     """`f`, the number of Byzantine clients assumed, as a non-negative int."""
-    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 0:
-        raise ValueError(f"f (the number of Byzantine clients tolerated) must be a whole number >= 0, got {f!r}")
-    return int(f)
+    return check_whole("f (the number of Byzantine clients tolerated)", f, 0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_stack
+from ._checks import check_stack, check_whole
 from .norm_bounding import clip_rows
 
 
@@ -11,10 +11,11 @@ class CenteredClipping:
     """Start from the previous round's aggregate v and repeat `iters` times:
     v <- v + mean_i clip(x_i - v, tau), where clip scales a vector down to norm tau.
 
-    Each client can move v by at most tau / n per iteration, so a delta fraction of Byzantine clients
-    shifts the result by O(delta * tau) per iteration; the paper's guarantee needs delta < 0.1-0.15 and a tau
-    of the order of the honest updates' spread. `tau=None` uses the median distance of this round's updates
-    to v, which adapts to the scale of the updates and stays honest while f < n/2. Example weights are ignored.
+    Each client can move v by at most tau / n per iteration, so a fraction delta of Byzantine clients shifts
+    the result by at most delta * tau per iteration: it needs delta < 1/2, and the paper's analysis a small
+    delta (around 0.1) with tau of the order of the honest updates' spread. `tau=None` uses the median
+    distance of this round's updates to v, which adapts to their scale and is set by honest clients while
+    f < n/2. Example weights are ignored.
     The center carries over between rounds and is saved with the strategy state, so a resumed run is exact.
     """
 
@@ -23,10 +24,9 @@ class CenteredClipping:
 
     def __init__(self, tau: float | None = None, iters: int = 3) -> None:
         if tau is not None and not tau > 0:
-            raise ValueError(f"centered clipping radius tau must be > 0 (or omitted for the adaptive median), got {tau}")
-        if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
-            raise ValueError(f"centered clipping iters must be a whole number >= 1, got {iters!r}")
-        self.tau, self.iters = tau, int(iters)
+            raise ValueError(f"centered clipping radius tau must be > 0 (or omitted for the adaptive median), "
+                             f"got {tau}")
+        self.tau, self.iters = tau, check_whole("centered clipping iters", iters, 1)
         self.center: np.ndarray | None = None
 
     def __call__(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:

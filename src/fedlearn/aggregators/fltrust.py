@@ -17,7 +17,7 @@ class FLTrust:
 
     Updates pointing away from the root update get weight 0, and rescaling removes any gain from
     boosting, so no bound on the number of Byzantine clients is assumed; instead the root dataset must be
-    clean and representative of the task (a few dozen samples drawn like the clients' data). When no
+    clean and representative of the task (`simulate` draws 100 samples from the clients' data, as the paper). When no
     update agrees with the root update the round's aggregate is zero (the model stays put).
     Example weights are ignored. The round loop hands the round's model to `begin_round` before
     aggregation, where the root update is computed.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_enough, check_f, check_stack
+from ._checks import check_enough, check_f, check_stack, check_whole
 
 
 def pairwise_sq_distances(deltas: np.ndarray) -> np.ndarray:
@@ -33,9 +33,7 @@ class Krum:
 
     def __init__(self, f: int = 1, m: int | None = 1) -> None:
         self.f = check_f(f)
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
-            raise ValueError(f"Multi-Krum m (how many updates to average) must be a whole number >= 1, got {m!r}")
-        self.m = None if m is None else int(m)
+        self.m = None if m is None else check_whole("Multi-Krum m (how many updates to average)", m, 1)
         self.min_updates = max(2 * self.f + 3, self.m or 0)
 
     def __call__(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -29,7 +29,8 @@ class NormBounding:
 
     def __init__(self, max_norm: float | None = None) -> None:
         if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"norm bound max_norm must be > 0 (or omitted for the round's median norm), got {max_norm}")
+            raise ValueError(f"norm bound max_norm must be > 0 (or omitted for the round's median norm), "
+                             f"got {max_norm}")
         self.max_norm = max_norm
 
     def __call__(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:

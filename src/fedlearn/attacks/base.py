@@ -59,5 +59,5 @@ class Attack(Transform):
         if not malicious:
             return updates, []
         honest = [u for u in updates if u.client_id not in self.attackers]
-        forged = dict(zip((u.client_id for u in malicious), self.forge(malicious, honest, rnd)))
+        forged = dict(zip((u.client_id for u in malicious), self.forge(malicious, honest, rnd), strict=True))
         return [replace(u, delta=forged[u.client_id]) if u.client_id in forged else u for u in updates], []

@@ -30,6 +30,26 @@ class PrivacyBudgetExhausted(StopRun):
     """The next round would take epsilon above the configured budget."""
 
 
+def clip_to_server_norm(update: Update, config: Config) -> Update:
+    """The client half of central DP: clip to the norm the server sent this round, and record whether the
+    update was already within it (what adaptive clipping counts)."""
+    if CLIP_KEY not in config:
+        raise ValueError("central DP is on but the server sent no clip norm (config key 'dp_clip')")
+    clipped, within = clip_l2(update.delta, float(config[CLIP_KEY]))
+    return dataclasses.replace(update, delta=clipped, metrics={**update.metrics, UNCLIPPED_KEY: float(within)})
+
+
+class CentralDPClient(Transform):
+    """The client half of `CentralDP` alone, for a client process of a deployment whose server runs central
+    DP (`fedlearn client --central-dp`): the clip norm comes with each task, the noise is added by the server.
+    It has the server transform's name, so the server can check each client declared it."""
+
+    name = "central_dp"
+
+    def client(self, update: Update, config: Config) -> Update:
+        return clip_to_server_norm(update, config)
+
+
 class CentralDP(Transform):
     """DP-FedAvg. `mechanism` describes sampling and the total noise multiplier z used for accounting;
     `delta` is the accounting delta; `budget` the largest epsilon the run may reach (None: no limit).
@@ -92,10 +112,7 @@ class CentralDP(Transform):
 
     # the three halves
     def client(self, update: Update, config: Config) -> Update:
-        if CLIP_KEY not in config:
-            raise ValueError("central DP is on but the server sent no clip norm (config key 'dp_clip')")
-        clipped, within = clip_l2(update.delta, float(config[CLIP_KEY]))
-        return dataclasses.replace(update, delta=clipped, metrics={**update.metrics, UNCLIPPED_KEY: float(within)})
+        return clip_to_server_norm(update, config)
 
     def server(self, updates: list[Update], rnd: int) -> tuple[list[Update], list[Failure]]:
         kept, refused = [], []

@@ -2,14 +2,14 @@
 client handlers, and the client sampler; refuse combinations that would not give the promised guarantee."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..messages import Handler
 from ..secagg.client import SecAggClient
 from ..secagg.keys import Identities
 from ..secagg.protocol import SecAggConfig
-from ..secagg.server import SecAggProtocol, refuse_strategy
+from ..secagg.server import SecAggProtocol, refuse_extras, refuse_strategy
 from ..server.sampling import PoissonSampler
 from ..strategies.base import Strategy
 from ..strategies.fedavg import weighted_mean
@@ -33,10 +33,15 @@ class PrivacySetup:
 
 
 def build_privacy(cfg: PrivacyConfig, *, client_ids: Sequence[str], cohort: int, rounds: int, strategy: Strategy,
-                  seed: int = 0) -> PrivacySetup:
+                  seed: int = 0, registry: Mapping[str, bytes] | None = None) -> PrivacySetup:
     """Objects for `cfg` in a run of `rounds` rounds sampling `cohort` of `client_ids` (the expected cohort
-    under Poisson sampling). Raises `ValueError` (or `PrivacyBudgetError`) for a setting it cannot honour."""
+    under Poisson sampling). Raises `ValueError` (or `PrivacyBudgetError`) for a setting it cannot honour.
+
+    `registry` (client id -> Ed25519 identity public key) is a deployment's PKI: the clients sign with their
+    own identity keys, so no client handlers are made. Without it (simulation) fresh identities are made."""
     setup = PrivacySetup()
+    if cfg.enabled:
+        refuse_extras(strategy, "differential privacy" if not cfg.secagg else "secure aggregation")
     population = len(client_ids)
     if cfg.sampling == "poisson":
         setup.sampler = PoissonSampler(cohort / population, seed=seed)
@@ -49,9 +54,11 @@ def build_privacy(cfg: PrivacyConfig, *, client_ids: Sequence[str], cohort: int,
         setup.transforms.append(_central(cfg, population, cohort, rounds, strategy, secagg, setup.summary))
     if secagg is not None:
         refuse_strategy(strategy, "secure aggregation")
-        identities = Identities.generate(client_ids)
-        setup.protocol = SecAggProtocol(secagg, identities.registry, seed=seed)
-        setup.handlers = SecAggClient(identities.sign, identities.registry).handlers()
+        if registry is None:
+            identities = Identities.generate(client_ids)
+            registry = identities.registry
+            setup.handlers = SecAggClient(identities.sign, registry).handlers()
+        setup.protocol = SecAggProtocol(secagg, registry, seed=seed)
         setup.summary.append(f"secure aggregation: {secagg.graph} graph, threshold {secagg.threshold:g} of each "
                              f"neighbourhood, coordinates clipped to +-{secagg.clip_range:g}; update anomaly checks are off "
                              "(they need individual updates)")

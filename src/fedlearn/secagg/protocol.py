@@ -27,6 +27,7 @@ MASKED = "secagg/masked"
 CONSISTENCY = "secagg/consistency"
 UNMASK = "secagg/unmask"
 STAGES = (ADVERTISE, SHARE, MASKED, CONSISTENCY, UNMASK)
+IDENTITY_KEYS = "identity_keys"  # advertise meta: client id -> Ed25519 public key (hex) of it and its neighbours
 GRAPHS = ("sparse", "full")
 
 

@@ -25,7 +25,8 @@ from ..types import Config, Failure, State, Update
 from . import keys, prg, shamir
 from .client import holders_of
 from .graph import default_degree, neighbours
-from .protocol import (ADVERTISE, CONSISTENCY, MASKED, SHARE, UNMASK, RoundPlan, SecAggConfig, threshold_count)
+from .protocol import (ADVERTISE, CONSISTENCY, IDENTITY_KEYS, MASKED, SHARE, UNMASK, RoundPlan, SecAggConfig,
+                       threshold_count)
 from .quantize import Quantizer
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,18 @@ def refuse_strategy(strategy: Strategy, what: str) -> None:
         )
 
 
+def refuse_extras(strategy: Strategy, what: str) -> None:
+    """Raise `ValueError` if `strategy`'s clients upload `extras` besides the delta: `what` (a privacy
+    feature) clips, noises or masks only the delta, so the extras would leave each client unprotected."""
+    if strategy.client_extras:
+        raise ValueError(
+            f"{what} cannot be combined with the {strategy.name} strategy: its clients also upload "
+            f"{', '.join(strategy.client_extras)} with every update, and {what} protects only the model delta, so "
+            "those vectors would reach the server clipped, noised and masked by nothing. Use a strategy whose "
+            "clients send only the delta (fedavg, fedprox, fedadam, ...)."
+        )
+
+
 class SecAggProtocol(RoundProtocol):
     """Secure aggregation over any pool. `registry` is the clients' identity public keys (the PKI);
     `seed` makes the public neighbour graph reproducible. The aggregate is the unweighted mean of the
@@ -79,6 +92,7 @@ class SecAggProtocol(RoundProtocol):
 
     def check(self, strategy: Strategy) -> None:
         refuse_strategy(strategy, "secure aggregation")
+        refuse_extras(strategy, "secure aggregation")
 
     def collect(
         self, pool: ClientPool, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform]
@@ -95,7 +109,8 @@ class SecAggProtocol(RoundProtocol):
 
         plans = {c: RoundPlan(rnd, len(cohort), tuple(graph[c]), threshold, rs.quantizer.clip_range,
                               rs.quantizer.levels, self.config.consistency_check) for c in cohort}
-        replies = self._stage(pool, ADVERTISE, {c: Message(ADVERTISE, meta=plans[c].to_meta()) for c in cohort}, failures)
+        replies = self._stage(pool, ADVERTISE, {c: Message(ADVERTISE, meta=self._plan_meta(plans[c], c)) for c in cohort},
+                              failures)
         for cid, reply in replies.items():
             c_pk, s_pk = as_bytes(reply.tensors["c_pk"]), as_bytes(reply.tensors["s_pk"])
             if self._signed(cid, reply, keys.advertisement(rnd, cid, c_pk, s_pk), failures):
@@ -216,6 +231,12 @@ class SecAggProtocol(RoundProtocol):
             log.info("secure aggregation: client %s %s: %s", cid, failure.kind, failure.reason)
             failures.append(failure)
         return answered
+
+    def _plan_meta(self, plan: RoundPlan, cid: str) -> dict:
+        """The plan, plus the identity public keys of the client and its neighbours (hex) for clients that
+        take the registry from the server (a deployment's client processes)."""
+        ids = [cid, *plan.neighbours]
+        return {**plan.to_meta(), IDENTITY_KEYS: {j: self.registry[j].hex() for j in ids if j in self.registry}}
 
     def _signed(self, cid: str, reply: Message, statement: bytes, failures: list[Failure]) -> bool:
         """Whether `reply` carries `cid`'s valid identity signature on `statement`; a forgery is a failure."""

@@ -62,7 +62,8 @@ def robustness_setup(cfg: SimulationConfig, data: FederatedDataset, model_fn: Mo
 def _aggregator(cfg: SimulationConfig, data: FederatedDataset, model_fn: ModelFn) -> Aggregator:
     params = dict(cfg.aggregator_params)
     if cfg.aggregator.lower() == "fltrust":
-        params["root_update"] = fltrust_root_update(cfg, data, model_fn, int(params.pop("root_size", FLTRUST_ROOT_SIZE)))
+        root_size = int(params.pop("root_size", FLTRUST_ROOT_SIZE))
+        params["root_update"] = fltrust_root_update(cfg, data, model_fn, root_size)
     return make_aggregator(cfg.aggregator, **params)
 
 

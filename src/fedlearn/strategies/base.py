@@ -35,9 +35,13 @@ class Strategy:
 
     `configure_fit` per sampled client, `aggregate` on the accepted updates, then `apply`.
     `accept_partial` decides whether stragglers' partial work is used (FedProx) or dropped (FedAvg).
+    `client_extras` names the `Update.extras` its clients must upload besides the delta (SCAFFOLD's control
+    variates); privacy features protect only the delta, so they refuse strategies that need extras.
     """
 
     name = "strategy"
+    takes_aggregator = True  # False where `aggregate` has its own rule and ignores `self.aggregator`
+    client_extras: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -50,6 +50,7 @@ class FedNova(Strategy):
     """
 
     name = "fednova"
+    takes_aggregator = False  # the normalised mean is the rule; a robust aggregator would be ignored
 
     def __init__(self, server_lr: float = 1.0, local_momentum: float = 0.0) -> None:
         if not 0.0 <= local_momentum < 1.0:

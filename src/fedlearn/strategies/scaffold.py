@@ -32,6 +32,7 @@ class Scaffold(Strategy):
     """Drift-corrected local SGD + weighted mean + server SGD with `server_lr` (the paper's global step)."""
 
     name = "scaffold"
+    client_extras = (CONTROL_KEY,)
 
     def __init__(self, server_lr: float = 1.0) -> None:
         super().__init__(weighted_mean, ServerSGD(server_lr))

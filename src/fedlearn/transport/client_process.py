@@ -154,6 +154,7 @@ def run_client(
         try:
             connection = Connection(channel, client.cid, identity, [t.name for t in transforms])
             log.info("event=registered client=%s server=%s run=%s", client.cid, server, connection.run_id)
+            worker.join(connection.run_id)
             lost_since, backoff = None, MIN_BACKOFF
             reason = _serve(connection, worker)
             log.info("event=finished client=%s reason=%r", client.cid, reason)
@@ -179,12 +180,19 @@ def run_client(
 
 @dataclass
 class _Worker:
-    """Runs one task of any kind with the client's code; `memory` outlives the stages of a protocol."""
+    """Runs one task of any kind with the client's code; `memory` outlives the stages of a protocol (and
+    reconnections) within one run, and starts empty for another run."""
 
     client: Client
     transforms: Sequence[Transform]
     handlers: dict[str, Handler]
     memory: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""
+
+    def join(self, run_id: str) -> None:
+        """Note the run of a new connection; a different run gets fresh protocol memory."""
+        if run_id != self.run_id:
+            self.run_id, self.memory = run_id, {}
 
     def run(self, task: ReceivedTask) -> tuple[bytes, float]:
         """The encoded result and the seconds of local work (encoding excluded)."""

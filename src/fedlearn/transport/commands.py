@@ -47,6 +47,12 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
     client.add_argument("--client-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="keyword argument for the factory, repeatable")
     client.add_argument("--app-dir", default=".", help="folder to import --client-module from (default .)")
+    client.add_argument("--central-dp", action="store_true",
+                        help="clip each update to the norm the server sends (needed when the server's [privacy] "
+                             "sets dp_clip; the server adds the noise)")
+    client.add_argument("--peer-keys", type=Path, metavar="ALLOWLIST",
+                        help="check other clients' secure-aggregation signatures against this allow-list instead "
+                             "of the keys the server announces")
 
     certs = sub.add_parser("certs", help="create a CA, server certificate, client credentials and allow-list",
                            description="Create (or extend) a credentials folder. Run again on the same folder to "
@@ -99,7 +105,9 @@ def cmd_client(args: argparse.Namespace) -> int:
     from ..config import SimulationConfig
     from .certs import ClientBundle
     from .client_factory import builtin_client, user_client
+    from ..privacy.central import CentralDPClient
     from .client_process import ClientRejected, run_client
+    from .secagg_handlers import load_peer_keys, secagg_handlers
 
     _log_structured()
     bundle = ClientBundle.load(args.credentials)
@@ -110,8 +118,12 @@ def cmd_client(args: argparse.Namespace) -> int:
         client = builtin_client(SimulationConfig.from_dict(values), args.client_index, bundle.client_id)
     else:
         raise ConfigError("say where the data comes from: --client-index K (with --dataset ...) or --client-module")
+    pinned = load_peer_keys(args.peer_keys) if args.peer_keys else None
+    # secure aggregation needs nothing but these handlers: its settings come with each round's plan
+    handlers = secagg_handlers(bundle.client_id, bundle.identity, pinned)
     try:
         reason = run_client(client, args.server, identity=bundle.identity, tls=None if args.insecure else bundle.tls,
+                            transforms=[CentralDPClient()] if args.central_dp else [], handlers=handlers,
                             retry_for=args.retry_for)
     except (ClientRejected, ConnectionError) as exc:
         print(f"fedlearn: error: {exc}", file=sys.stderr)

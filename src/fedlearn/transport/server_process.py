@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, SimulationConfig, load_toml
+from ..privacy import PrivacyConfig, PrivacySetup, build_privacy
 from ..progress import RoundProgress
 from ..server import ClientSampler, RunStore, Server
 from ..server.anomaly import AnomalyChecks
 from ..server.protocol import RoundProtocol
 from ..server.round_loop import CentralEval
+from ..server.sampling import PoissonSampler
 from ..server.store import RoundRecord
 from ..simulate import SimulationResult, builtin_task, initial_model_state, write_outputs
 from ..strategies import Strategy
@@ -94,7 +96,8 @@ class DeploymentServer:
     """Serves a federated run to remote clients: `start()` listens, `run()` runs the rounds, `stop()` ends.
 
     The arguments are those of `Server`; a multi-exchange `protocol` (secure aggregation) runs its stages
-    through the pool, and each client process needs the protocol's `client_handlers()` (`run_client`).
+    through the pool, and each client process needs the protocol's `client_handlers()` (`run_client`; for
+    secure aggregation `secagg_handlers`). `sampler` replaces the count / fraction sampler.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class DeploymentServer:
         transforms: Sequence[Transform] = (),
         anomaly_checks: AnomalyChecks | None = AnomalyChecks(),
         protocol: RoundProtocol | None = None,
+        sampler: ClientSampler | PoissonSampler | None = None,
         fit_config: Config | None = None,
         seed: int = 0,
         meta: dict[str, Any] | None = None,
@@ -129,7 +133,8 @@ class DeploymentServer:
                                min_available=settings.wait_for_clients or clients_per_round or 1,
                                wait_timeout=settings.wait_timeout, fit_config=fit_config)
         self.server = Server(self.pool, strategy, initial_state,
-                             sampler=ClientSampler(clients_per_round, fraction, seed=seed), min_clients=min_clients,
+                             sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
+                             min_clients=min_clients,
                              transforms=transforms, central_eval=central_eval, eval_clients=eval_clients,
                              store=self.store, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
         self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout)
@@ -186,6 +191,28 @@ class DeploymentServer:
         self._round_started = now
 
 
+def deployment_privacy(cfg: SimulationConfig, settings: ServerSettings, strategy: Strategy) -> PrivacySetup:
+    """The [privacy] objects of a deployment: central DP and secure aggregation, over the registered clients
+    of the allow-list (whose identity keys sign the secure-aggregation key exchange). Local DP is refused:
+    its clip and noise would have to be configured on every client."""
+    privacy = PrivacyConfig.from_dict(cfg.privacy)
+    if privacy.local:
+        raise ConfigError("[privacy] local DP (local_dp_clip, local_dp_noise) is simulation-only: each client would "
+                          "need its own noise settings. Use central DP (dp_clip) with `fedlearn client --central-dp`, "
+                          "or secure aggregation")
+    registry = {cid: bytes.fromhex(key) for cid, key in AllowList.load(settings.allow_list).keys.items()}
+    population = len(registry)
+    if cfg.clients_per_round and cfg.clients_per_round > population:
+        raise ConfigError(f"clients_per_round = {cfg.clients_per_round}, but the allow-list registers only "
+                          f"{population} clients")
+    cohort = cfg.clients_per_round or max(1, round((cfg.fraction or 1.0) * population))
+    setup = build_privacy(privacy, client_ids=sorted(registry), cohort=cohort, rounds=cfg.rounds, strategy=strategy,
+                          seed=cfg.seed, registry=registry)
+    for line in setup.summary:
+        log.info("event=privacy %s", line)
+    return setup
+
+
 def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progress: bool = False,
                   on_listening: Callable[[int], None] | None = None) -> SimulationResult:
     """Serve a built-in task (data set, model, strategy and robustness settings from `cfg`) until done.
@@ -195,17 +222,15 @@ def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progr
     """
     if cfg.attack:
         raise ConfigError("attacks are simulated only; remove the [attack] section from the server config")
-    if cfg.privacy:
-        raise ConfigError("[privacy] is not supported by `fedlearn server` yet: client-side DP and secure "
-                          "aggregation need the same settings on every client; use the Python API "
-                          "(DeploymentServer with transforms and protocol; run_client with the matching transforms "
-                          "and the protocol's client_handlers())")
     task = builtin_task(cfg)
+    privacy = deployment_privacy(cfg, settings, task.strategy)
     server = DeploymentServer(
         initial_model_state(task.model_fn, cfg.seed), task.strategy, rounds=cfg.rounds, settings=settings,
         clients_per_round=cfg.clients_per_round, fraction=cfg.fraction, min_clients=task.robust.min_clients,
         eval_clients=cfg.eval_clients, central_eval=task.robust.central_eval,
-        anomaly_checks=task.robust.anomaly_checks,
+        # secure aggregation hides individual updates, so the anomaly checks have nothing to screen
+        anomaly_checks=None if privacy.protocol is not None else task.robust.anomaly_checks,
+        transforms=privacy.transforms, protocol=privacy.protocol, sampler=privacy.sampler,
         fit_config={k: asdict(cfg)[k] for k in ("local_epochs", "batch_size", "lr", "momentum")},
         seed=cfg.seed, meta={"config": cfg.to_dict(), "server": asdict(settings)},
     )
