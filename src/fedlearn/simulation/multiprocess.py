@@ -18,35 +18,29 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from ..messages import Message
 from ..serialize import SerializationError, encode_state
-from ..server.pool import ClientPool
 from ..transforms.base import Transform
-from ..types import Config, EvalResult, Failure, State, Update
+from ..types import Config, Failure, State, Update
 from .inprocess import InProcessPool
-from .workers import decode_results, encode_instructions, finish_in_order, serve_fit, shares
+from .workers import OffloadingPool, decode_results, encode_instructions, finish_in_order, serve_fit, shares
 
 log = logging.getLogger(__name__)
 
 
-class ProcessPool(ClientPool):
+class ProcessPool(OffloadingPool):
     """Runs `local` (a sequential or vectorised in-process pool) in `workers` forked processes
     (default: one per core)."""
 
     def __init__(self, local: InProcessPool, workers: int | None = None) -> None:
         if "fork" not in multiprocessing.get_all_start_methods():
             raise RuntimeError("the process backend needs the 'fork' start method (Linux); use backend 'ray' here")
-        self.local = local
+        super().__init__(local)
         self.size = workers or os.cpu_count() or 1
         if self.size < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._workers: list[tuple[multiprocessing.Process, Connection] | None] = [None] * self.size
         for slot in range(self.size):
             self._start(slot)
-
-    @property
-    def client_ids(self) -> Sequence[str]:
-        return self.local.client_ids
 
     def fit(
         self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
@@ -62,24 +56,11 @@ class ProcessPool(ClientPool):
             raw.update(self._answers(slot, share))
         return finish_in_order(raw, instructions, transforms)
 
-    def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
-        return self.local.evaluate(state, instructions)
-
-    def exchange(
-        self,
-        messages: Mapping[str, Message],
-        *,
-        state: State | None = None,
-        transforms: Sequence[Transform] = (),
-        deadline: float | None = None,
-    ) -> dict[str, Message | Failure]:
-        return self.local.exchange(messages, state=state, transforms=transforms, deadline=deadline)
-
     def close(self) -> None:
         for slot, worker in enumerate(self._workers):
             if worker is not None:
                 self._stop(slot)
-        self.local.close()
+        super().close()
 
     def _answers(self, slot: int, share: Mapping[str, Config]) -> dict[str, Update | Failure]:
         """One worker's results by client id; if the worker died, its clients crashed and it is replaced."""

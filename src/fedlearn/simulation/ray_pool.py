@@ -14,13 +14,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-from ..messages import Message
 from ..serialize import encode_state
-from ..server.pool import ClientPool
 from ..transforms.base import Transform
-from ..types import Config, EvalResult, Failure, State, Update
+from ..types import Config, Failure, State, Update
 from .inprocess import InProcessPool
-from .workers import decode_results, encode_instructions, finish_in_order, serve_fit, shares
+from .workers import OffloadingPool, decode_results, encode_instructions, finish_in_order, serve_fit, shares
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +36,7 @@ class _Worker:
         return serve_fit(self.local, state_frame, instructions_frame)
 
 
-class RayPool(ClientPool):
+class RayPool(OffloadingPool):
     """Runs `local` (a sequential or vectorised in-process pool) in `workers` Ray actors of one CPU each
     (default: one per CPU Ray reports). Starts Ray unless it is already running; `address` joins a cluster
     ("auto" or "ray://head:10001"), `num_cpus` caps a local instance."""
@@ -60,15 +58,11 @@ class RayPool(ClientPool):
         if self._owns_ray:
             ray.init(address=address or None, num_cpus=None if address else num_cpus,
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
-        self.local = local
+        super().__init__(local)
         self.size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         actor = ray.remote(num_cpus=1, max_restarts=3)(_Worker)  # a dead actor comes back for later rounds
         self._local_ref = ray.put(local)  # serialized once for all actors, and kept alive for their restarts
         self._actors = [actor.remote(self._local_ref) for _ in range(self.size)]
-
-    @property
-    def client_ids(self) -> Sequence[str]:
-        return self.local.client_ids
 
     def fit(
         self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
@@ -87,23 +81,10 @@ class RayPool(ClientPool):
                             for cid in share})
         return finish_in_order(raw, instructions, transforms)
 
-    def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
-        return self.local.evaluate(state, instructions)
-
-    def exchange(
-        self,
-        messages: Mapping[str, Message],
-        *,
-        state: State | None = None,
-        transforms: Sequence[Transform] = (),
-        deadline: float | None = None,
-    ) -> dict[str, Message | Failure]:
-        return self.local.exchange(messages, state=state, transforms=transforms, deadline=deadline)
-
     def close(self) -> None:
         for actor in self._actors:
             self._ray.kill(actor)
         self._actors = []
         if self._owns_ray:
             self._ray.shutdown()
-        self.local.close()
+        super().close()

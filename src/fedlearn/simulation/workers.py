@@ -13,13 +13,43 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..client import finish_fit
+from ..messages import Message
 from ..serialize import SerializationError, decode_state, decode_tensors, encode_tensors
 from ..server.pool import ClientPool
 from ..transforms.base import Transform
-from ..types import Config, Failure, Update
+from ..types import Config, EvalResult, Failure, State, Update
 from .inprocess import InProcessPool
 
 _SCALARS = (bool, int, float, str, type(None))
+
+
+class OffloadingPool(ClientPool):
+    """A pool that sends `fit` to workers holding a copy of `local`, and runs everything else (evaluation,
+    protocol stages) on `local` in this process. Subclasses implement `fit` and release their workers in
+    `close` before calling this one."""
+
+    def __init__(self, local: InProcessPool) -> None:
+        self.local = local
+
+    @property
+    def client_ids(self) -> Sequence[str]:
+        return self.local.client_ids
+
+    def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
+        return self.local.evaluate(state, instructions)
+
+    def exchange(
+        self,
+        messages: Mapping[str, Message],
+        *,
+        state: State | None = None,
+        transforms: Sequence[Transform] = (),
+        deadline: float | None = None,
+    ) -> dict[str, Message | Failure]:
+        return self.local.exchange(messages, state=state, transforms=transforms, deadline=deadline)
+
+    def close(self) -> None:
+        self.local.close()
 
 
 def encode_instructions(instructions: Mapping[str, Config]) -> bytes:
