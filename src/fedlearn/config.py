@@ -20,10 +20,11 @@ TOML layout (every key optional)::
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .plugins import dataclass_from_dict
 from .privacy.config import PrivacyConfig
 
 DATASETS = ("digits", "breast_cancer", "synthetic", "femnist", "leaf")
@@ -125,14 +126,7 @@ class SimulationConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SimulationConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(str(exc)) from None
+        return dataclass_from_dict(cls, values, ConfigError)
 
 
 # TOML (section, key) -> field name, where they differ.

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from ..plugins import build_named
 from ..strategies.base import Aggregator
 from ..strategies.fedavg import weighted_mean
 from .centered_clipping import CenteredClipping
@@ -33,14 +34,7 @@ AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
 
 def make_aggregator(name: str, **params: Any) -> Aggregator:
     """Build an aggregator by its registered name with keyword parameters (e.g. f=2, beta=0.1)."""
-    try:
-        factory = AGGREGATORS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown aggregator {name!r}; choose one of {sorted(AGGREGATORS)}") from None
-    try:
-        return factory(**params)
-    except TypeError as exc:
-        raise ValueError(f"bad parameters for aggregator {name!r}: {exc}") from None
+    return build_named(AGGREGATORS, "aggregator", name, params)
 
 
 def min_updates(aggregator: Aggregator) -> int:

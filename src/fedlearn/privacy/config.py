@@ -17,9 +17,10 @@ Keys (all optional; nothing is on by default)::
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..plugins import dataclass_from_dict
 from .accountant import ACCOUNTANTS, SAMPLINGS
 
 
@@ -87,11 +88,4 @@ class PrivacyConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PrivacyConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"privacy: unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ValueError(f"privacy: {exc}") from None
+        return dataclass_from_dict(cls, values, ValueError, "privacy: ")

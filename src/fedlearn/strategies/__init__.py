@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..plugins import build_named
 from .base import Aggregator, ServerOptimizer, Strategy
 from .fedavg import FedAvg, ServerSGD, weighted_mean
 from .fednova import FedNova
@@ -17,14 +18,7 @@ STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "
 
 def make_strategy(name: str, **params: Any) -> Strategy:
     """Build a strategy by its registered name with keyword parameters (e.g. mu=1.0)."""
-    try:
-        cls = STRATEGIES[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}") from None
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise ValueError(f"bad parameters for strategy {name!r}: {exc}") from None
+    return build_named(STRATEGIES, "strategy", name, params)
 
 
 __all__ = ["Strategy", "Aggregator", "ServerOptimizer", "FedAvg", "FedProx", "ServerSGD", "weighted_mean",
