@@ -158,7 +158,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         resume = False
         robust = (f" + {config.aggregator}" if config.aggregator else "") + (
             f", attack {config.attack} by {config.attack_fraction:.0%} of clients" if config.attack else "")
-        print(f"fedlearn: {config.dataset}, {config.num_clients} clients ({config.partition}), "
+        split = {"synthetic": f"{config.num_clients} devices (natural split)",
+                 "femnist": "writers as clients (natural split)", "leaf": "users as clients (natural split)",
+                 }.get(config.dataset, f"{config.num_clients} clients ({config.partition})")
+        print(f"fedlearn: {config.dataset}, {split}, "
               f"{config.strategy}{robust}, {config.rounds} rounds, seed {config.seed}", flush=True)
     result = simulate(config, run_dir=run_dir, resume=resume, show_progress=not args.quiet)
     last = result.history.last
