@@ -1,12 +1,15 @@
 """fedlearn: federated learning with one round loop for simulation and deployment."""
+from .aggregators import make_aggregator
 from .client import Client
 from .config import ConfigError, SimulationConfig
 from .params import Layout, LayoutError
+from .privacy import CentralDP, LocalDP, gaussian_epsilon, noise_for_epsilon
 from .serialize import SerializationError, decode_state, decode_update, encode_state, encode_update
 from .server import ClientPool, ClientSampler, History, RoundFailedError, RunStore, Server
+from .server.anomaly import AnomalyChecks
 from .simulate import SimulationResult, run_simulation, simulate
 from .simulation import FaultInjector, InProcessPool
-from .strategies import FedAvg, FedProx, Strategy, make_strategy
+from .strategies import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedNova, FedProx, FedYogi, Scaffold, Strategy, make_strategy
 from .torch import TorchClient
 from .transforms import Transform
 from .types import EvalResult, Failure, State, Update
@@ -17,6 +20,8 @@ __all__ = [
     "Client", "TorchClient", "Update", "Failure", "EvalResult", "State", "Layout", "LayoutError",
     "encode_state", "decode_state", "encode_update", "decode_update", "SerializationError",
     "Server", "ClientPool", "ClientSampler", "History", "RoundFailedError", "RunStore",
-    "InProcessPool", "FaultInjector", "Strategy", "FedAvg", "FedProx", "make_strategy", "Transform",
+    "InProcessPool", "FaultInjector", "Strategy", "FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi",
+    "FedAdagrad", "Scaffold", "FedNova", "make_strategy", "make_aggregator", "AnomalyChecks", "Transform",
+    "CentralDP", "LocalDP", "noise_for_epsilon", "gaussian_epsilon",
     "simulate", "run_simulation", "SimulationResult", "SimulationConfig", "ConfigError",
 ]
