@@ -123,13 +123,11 @@ def _simulation_settings(args: argparse.Namespace) -> dict[str, Any]:
     names = {f.name for f in fields(SimulationConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
     shortcuts = {k: getattr(args, k) for k in ("mu", "server_lr") if getattr(args, k) is not None}
-    strategy_params = {**values.get("strategy_params", {}), **shortcuts, **parse_params(args.strategy_param)}
-    if strategy_params:
-        flags["strategy_params"] = strategy_params
-    for name, items in (("aggregator_params", args.aggregator_param), ("attack_params", args.attack_param),
-                        ("anomaly_params", args.anomaly_param)):
-        if items:
-            flags[name] = {**values.get(name, {}), **parse_params(items)}
+    for name, items in (("strategy_params", args.strategy_param), ("aggregator_params", args.aggregator_param),
+                        ("attack_params", args.attack_param), ("anomaly_params", args.anomaly_param)):
+        given = {**(shortcuts if name == "strategy_params" else {}), **parse_params(items)}
+        if given:
+            flags[name] = {**values.get(name, {}), **given}
     privacy = {key: getattr(args, f"privacy_{key}") for _, key, _, _ in _PRIVACY_FLAGS
                if getattr(args, f"privacy_{key}") is not None}
     if privacy:

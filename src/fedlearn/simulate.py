@@ -126,7 +126,7 @@ def simulate(
     task = builtin_task(cfg)
     robust = task.robust
     privacy = build_privacy(PrivacyConfig.from_dict(cfg.privacy), client_ids=task.data.client_ids,
-                            cohort=cfg.clients_per_round or max(1, round(cfg.fraction * cfg.num_clients)),
+                            cohort=ClientSampler(cfg.clients_per_round, cfg.fraction).size(len(task.data.client_ids)),
                             rounds=cfg.rounds, strategy=task.strategy, seed=cfg.seed)
     for line in privacy.summary:
         log.info("privacy: %s", line)
