@@ -17,6 +17,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ class Server:
         self.params = self.layout.flatten(initial_state)
         self.min_clients, self.transforms = min_clients, list(transforms)
         self.central_eval, self.eval_clients = central_eval, eval_clients
-        self.store, self.seed, self.max_failed_rounds = store, seed, max_failed_rounds
+        self.store, self.seed, self.max_failed_rounds = None, seed, max_failed_rounds
         self.anomaly_checks, self.max_examples = anomaly_checks, max_examples
         self.protocol = protocol or RoundProtocol()
         self.protocol.check(strategy)
@@ -95,17 +96,37 @@ class Server:
         self.round = 0
         self.history = History()
         if store is not None:
-            self._restore_or_init(store, initial_state)
+            self.attach(store)
 
     @property
     def state(self) -> State:
         """The current global model."""
         return self.layout.unflatten(self.params)
 
-    def _restore_or_init(self, store: RunStore, initial_state: State) -> None:
+    def describe(self) -> dict[str, Any]:
+        """The settings that make this run what it is (for `RunStore.bind_config` when no config file does):
+        strategy and its scalar settings, model layout, sampling, transforms, protocol and checks."""
+        aggregator, optimizer = self.strategy.aggregator, self.strategy.server_optimizer
+        return {
+            "strategy": {"class": type(self.strategy).__qualname__, **_scalars(self.strategy),
+                         "client_config": self.strategy.client_config,
+                         "aggregator": {"name": getattr(aggregator, "__name__", type(aggregator).__qualname__),
+                                        **_scalars(aggregator)},
+                         "server_optimizer": {"class": type(optimizer).__qualname__, **_scalars(optimizer)}},
+            "model": {name: [list(v.shape), v.dtype.str] for name, v in self.state.items()},
+            "sampler": {"class": type(self.sampler).__qualname__, **_scalars(self.sampler)},
+            "min_clients": self.min_clients, "max_failed_rounds": self.max_failed_rounds, "seed": self.seed,
+            "max_examples": self.max_examples, "eval_clients": self.eval_clients,
+            "transforms": [t.name for t in self.transforms], "protocol": self.protocol.name,
+            "anomaly_checks": dataclasses.asdict(self.anomaly_checks) if self.anomaly_checks is not None else None,
+        }
+
+    def attach(self, store: RunStore) -> None:
+        """Commit every round to `store`, resuming the run it holds (or storing the initial model as round 0)."""
+        self.store = store
         last = store.last_round()
         if last is None:
-            store.commit_round(0, initial_state, self.strategy.state_dict(), {}, [], [])
+            store.commit_round(0, self.state, self.strategy.state_dict(), {}, [], [])
             return
         state, strategy_state = store.load_round(last)
         self.params = self.layout.flatten(state)
@@ -270,3 +291,9 @@ class Server:
         weights = np.array([r.num_examples for r in results], dtype=np.float64)
         keys = set.intersection(*(set(r.metrics) for r in results)) - {"num_examples"}
         return {f"fed_{k}": float(np.average([r.metrics[k] for r in results], weights=weights)) for k in sorted(keys)}
+
+
+def _scalars(obj: object) -> dict[str, Any]:
+    """The public number, string and flag attributes of `obj` (its settings, not its arrays)."""
+    return {k: v for k, v in sorted(getattr(obj, "__dict__", {}).items())
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}

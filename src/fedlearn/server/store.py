@@ -1,6 +1,9 @@
 """The run store: one SQLite database per run directory. Each completed round is one transaction holding
-the global model, the strategy's state, metrics, participants and failures, so a restarted server resumes
-from the last committed round and nothing half-written is ever read back."""
+the global model, the strategy's state, metrics, participants, failures and (for a failed round) the reason,
+so a restarted server resumes from the last committed round and nothing half-written is ever read back.
+
+A run directory belongs to one configuration, stored with the first round (`bind_config`): starting another
+configuration in it is refused with the settings that differ, and resuming may raise only `rounds`."""
 from __future__ import annotations
 
 import json
@@ -43,6 +46,18 @@ class RoundRecord:
     note: str = ""
 
 
+class RunDirConflict(ValueError):
+    """A run directory holds a run of another configuration; the message names the settings that differ."""
+
+
+def config_changes(stored: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(setting, stored value, new value) for every setting that differs; nested tables as dotted names."""
+    if isinstance(stored, dict) and isinstance(new, dict):
+        return [change for key in sorted(set(stored) | set(new), key=str)
+                for change in config_changes(stored.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if stored == new else [(prefix.rstrip("."), stored, new)]
+
+
 class RunStore:
     """SQLite-backed record of a run. Round 0 holds the initial model. One thread at a time may use it, not
     necessarily the one that opened it (a deployment server opens it, then runs its rounds in another)."""
@@ -70,6 +85,32 @@ class RunStore:
     def get_meta(self, key: str, default: Any = None) -> Any:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
+
+    def bind_config(self, config: dict[str, Any], *, resume: bool = False) -> None:
+        """Claim this run directory for `config`, or check it is the configuration already stored here.
+
+        Any difference is refused with `RunDirConflict` naming it, except a higher `rounds` when `resume`
+        (continuing the stored run for more rounds), which is then stored."""
+        config = json.loads(json.dumps(config))  # as it reads back: tuples become lists
+        stored = self.get_meta("config")
+        if stored is None:
+            self.set_meta("config", config)
+            return
+        changes = config_changes(stored, config)
+        others = [c for c in changes if c[0] != "rounds"]
+        if others or (changes and not resume):
+            listed = ", ".join(f"{name} (stored {_show(old)}, given {_show(new)})" for name, old, new in changes[:8])
+            how = ("resume a run, change nothing but rounds" if resume else
+                   f"run this configuration, use a new run directory; to continue the stored run, --resume "
+                   f"{self.run_dir} (which may raise only rounds)")
+            raise RunDirConflict(f"run directory {self.run_dir} belongs to another configuration; it differs in "
+                                 f"{listed}. To {how}.")
+        if changes:
+            done = self.last_round() or 0
+            if not isinstance(config.get("rounds"), int) or config["rounds"] < done:
+                raise RunDirConflict(f"cannot resume {self.run_dir} with rounds = {config.get('rounds')!r}: "
+                                     f"{done} rounds are already committed")
+            self.set_meta("config", config)
 
     def commit_round(
         self,
@@ -117,3 +158,21 @@ class RunStore:
             RoundRecord(r, json.loads(m), json.loads(p), [Failure(*f) for f in json.loads(fl)], note)
             for r, m, p, fl, note in rows
         ]
+
+
+def stored_config(run_dir: str | Path) -> dict[str, Any]:
+    """The configuration of the run stored in `run_dir` (to resume it); `ValueError` if there is none."""
+    if not (Path(run_dir) / DB_NAME).exists():
+        raise ValueError(f"cannot resume: {run_dir} holds no run store ({DB_NAME})")
+    store = RunStore(run_dir)
+    try:
+        config = store.get_meta("config")
+    finally:
+        store.close()
+    if config is None:
+        raise ValueError(f"cannot resume: {run_dir} stores no configuration; start it again with its settings")
+    return config
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else repr(value)
