@@ -5,7 +5,6 @@ reason), a protocol failure costs only its round, and the run completes. Each ho
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,34 +12,9 @@ import pytest
 from fedlearn import RunStore
 from fedlearn.secagg import SecAggConfig
 from fedlearn.transport import certs
-from transport_support import fedlearn_process, free_port, hostile_process
+from transport_support import Deployment
 
 CLIENTS = 5
-SERVER_TOML = """
-seed = 0
-rounds = {rounds}
-[data]
-dataset = "digits"
-num_clients = {clients}
-[model]
-name = "logreg"
-[sampling]
-clients_per_round = {clients}
-eval_clients = 0
-{sampling}
-[client]
-local_epochs = 1
-[anomaly]
-enabled = false
-{sections}
-[server]
-address = "127.0.0.1:{port}"
-run_dir = "run"
-certificate = "creds/server.pem"
-private_key = "creds/server.key"
-allow_list = "creds/allowlist.txt"
-round_deadline = 30
-"""
 
 
 @pytest.fixture(scope="module")
@@ -48,48 +22,6 @@ def creds(tmp_path_factory):
     out = tmp_path_factory.mktemp("hostile") / "creds"
     certs.create(out, [str(k) for k in range(CLIENTS)])
     return out
-
-
-class Deployment:
-    """A `fedlearn server` process and its clients: honest `fedlearn client` processes (constant updates of
-    +1 from 10 examples) and hostile ones; `finish` waits for all and returns the committed rounds."""
-
-    def __init__(self, folder: Path, creds: Path, *, rounds: int, sampling: str = "", sections: str = "") -> None:
-        self.folder, self.creds, self.port = folder, creds, free_port()
-        (folder / "creds").symlink_to(creds)
-        config = folder / "server.toml"
-        config.write_text(SERVER_TOML.format(rounds=rounds, clients=CLIENTS, port=self.port, sampling=sampling,
-                                             sections=sections))
-        self.processes = [fedlearn_process(["server", "--config", str(config), "--quiet"], folder / "server.log")]
-
-    def honest(self, k: int, *flags: str) -> None:
-        self.processes.append(fedlearn_process(
-            ["client", "--server", f"127.0.0.1:{self.port}", "--credentials", str(self.creds / "clients" / str(k)),
-             "--client-module", "transport_support:make_constant_client", *flags], self.folder / f"client{k}.log"))
-
-    def hostile(self, k: int, *args: str) -> None:
-        self.processes.append(hostile_process(
-            ["--server", f"127.0.0.1:{self.port}", "--credentials", str(self.creds / "clients" / str(k)), *args],
-            self.folder / f"client{k}.log"))
-
-    def finish(self, timeout: float = 120):
-        try:
-            server = self.processes[0]
-            server.wait(timeout)
-            assert server.returncode == 0, (self.folder / "server.log").read_text()
-            for p in self.processes[1:]:
-                p.wait(30)
-        finally:
-            for p in self.processes:
-                p.kill()
-        logs = {path.stem: path.read_text() for path in self.folder.glob("*.log")}
-        assert [p.returncode for p in self.processes] == [0] * len(self.processes), logs
-        store = RunStore(self.folder / "run")
-        try:
-            models = [store.load_round(r)[0] for r in range(store.last_round() + 1)]
-            return store.history(), models
-        finally:
-            store.close()
 
 
 def moved(models, a: int, b: int) -> np.ndarray:
@@ -106,7 +38,7 @@ def test_impossible_counts_are_rejected_and_a_huge_claim_moves_the_model_no_more
     """Client 3 claims 10**400 examples (it crashed the server with OverflowError); client 4 sends a step of
     50 and claims 10**15 examples (it took over FedAvg). With max_examples = 10 the honest clients' +1 steps
     (10 examples each) and client 4's capped weight give (3 * 10 * 1 + 10 * 50) / 40 = 13.25 per round."""
-    run = Deployment(tmp_path, creds, rounds=2, sampling="max_examples = 10")
+    run = Deployment(tmp_path, creds, rounds=2, clients=CLIENTS, sampling="max_examples = 10")
     for k in range(3):
         run.honest(k)
     run.hostile(3, f"count={10**400}@all")
@@ -130,7 +62,7 @@ def test_forged_adaptive_clipping_indicators_are_rejected_and_the_clip_norm_stay
     norm is C * exp(-0.2 * (f - 0.5)) with f the noised fraction (count noise std 0.25 over 5 expected
     clients, so f ~ N(0, 0.05)): far within a factor exp(+-0.2) per round."""
     privacy = "[privacy]\ndp_clip = 1.0\ndp_noise = 0.3\nadaptive_clip = true"
-    run = Deployment(tmp_path, creds, rounds=3, sections=privacy)
+    run = Deployment(tmp_path, creds, rounds=3, clients=CLIENTS, sections=privacy)
     for k in range(3):
         run.honest(k, "--central-dp")
     run.hostile(3, "--central-dp", "unclipped=-10000@all")
@@ -155,7 +87,7 @@ def test_bad_secure_aggregation_replies_cost_their_sender_and_aborts_cost_only_t
     client 0 reveals corrupt shares (SecAggAbort ended the run). Round 4: three clients drop out in training,
     below the threshold. Rounds 3 and 5 are clean, and the run completes."""
     privacy = "[privacy]\nsecagg = true\nsecagg_graph = \"full\"\nsecagg_range = 1.0"
-    run = Deployment(tmp_path, creds, rounds=5, sections=privacy)
+    run = Deployment(tmp_path, creds, rounds=5, clients=CLIENTS, sections=privacy)
     run.hostile(0, "--step", "0.5", "corrupt_shares@2")
     run.hostile(1, "--step", "0.5", "fail_training@4")
     run.hostile(2, "--step", "0.5", "fail_training@4")

@@ -173,6 +173,7 @@ class RemotePool(ClientPool):
         """Connected clients in natural order, after the bounded wait described in the class docstring."""
         start = next_log = time.monotonic()
         quorum_since: float | None = None
+        logged = -1  # the count of connected clients last logged: a change is logged at once
         with self._cond:
             try:
                 while (connected := len(self._sessions)) < self.min_available:
@@ -191,12 +192,12 @@ class RemotePool(ClientPool):
                                 f"at least min_clients = {self.min_clients} (and waits for {self.min_available}); "
                                 "start more clients or lower min_clients / wait_for_clients / clients_per_round")
                     self.waiting = (connected, self.min_available)
-                    if now >= next_log:
+                    if now >= next_log or connected != logged:
                         then = (f"proceeding_in={self.proceed_after - (now - quorum_since):.0f}s" if quorum_since
                                 else f"min_clients={self.min_clients}")
                         log.info("event=waiting_for_clients connected=%d wanted=%d %s", connected, self.min_available,
                                  then)
-                        next_log = now + self.log_every
+                        next_log, logged = now + self.log_every, connected
                     ends = [next_log, start + self.wait_timeout] if quorum_since is None else \
                         [next_log, quorum_since + self.proceed_after]
                     self._cond.wait(max(0.0, min(ends) - now))
