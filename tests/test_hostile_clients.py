@@ -4,14 +4,18 @@ reason), a protocol failure costs only its round, and the run completes. Each ho
 `hostile_client.py`, a real process with its own credentials that signs what it sends."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import struct
 
 import numpy as np
 import pytest
 
-from fedlearn import RunStore
+from fedlearn import Failure
 from fedlearn.secagg import SecAggConfig
 from fedlearn.transport import certs
+from test_transport_security import SIZE, STATE, Served, send
 from transport_support import Deployment
 
 CLIENTS = 5
@@ -108,3 +112,47 @@ def test_bad_secure_aggregation_replies_cost_their_sender_and_aborts_cost_only_t
         np.testing.assert_allclose(moved(models, a, b), expected, atol=step if expected else 0)
     notes = [r.note for r in history]  # the reasons are in the run store, not only in this process
     assert notes[1] and notes[3] and not notes[0] and not notes[2] and not notes[4]
+
+
+@pytest.fixture
+def served(tmp_path):
+    """An in-process server (pool + gRPC service, TLS) for one registered client, alice."""
+    certs.create(tmp_path / "creds", ["alice"])
+    server = Served(tmp_path / "creds")
+    yield server
+    server.close()
+
+
+def _forged_payload(tensors: dict, meta: dict) -> bytes:
+    """A tensor message as a hostile client can write it: JSON that Python reads back (NaN, Infinity, huge
+    integers) but that `encode_tensors` never writes."""
+    payload = b"".join(np.ascontiguousarray(v).tobytes() for v in tensors.values())
+    header = {"tensors": [{"name": k, "dtype": v.dtype.str, "shape": list(v.shape)} for k, v in tensors.items()],
+              "meta": meta, "payload_bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    head = json.dumps(header, allow_nan=True).encode()
+    return struct.pack("<4sI", b"FLT1", len(head)) + head + payload
+
+
+@pytest.mark.parametrize("kind, meta, reason", [
+    ("fit", {"num_examples": 10, "metrics": {"train_loss": math.nan}}, "metric 'train_loss' must be finite, got nan"),
+    ("fit", {"num_examples": 10**400, "metrics": {}}, "num_examples must be in [1, 2**53], got an integer of 1329"),
+    ("evaluate", {"metrics": {"accuracy": 0.5, "num_examples": math.inf}}, "metric 'num_examples' must be finite"),
+    ("evaluate", {"metrics": {"accuracy": 0.5, "num_examples": 10**400}}, "result could not be decoded (OverflowError"),
+    ("evaluate", {"metrics": {"accuracy": 0.5, "num_examples": 2.5}}, "num_examples must be a count, got 2.5"),
+])
+def test_values_json_can_carry_but_the_encoder_never_writes_are_rejected_where_decoded(served, kind, meta, reason):
+    """Over real gRPC: each is refused with its reason on the client's Ack, and its task fails alone."""
+    conn = served.connect("alice")
+    if kind == "fit":
+        future = served.fit(["alice"], 1)
+        task = conn.next_task()
+        payload = _forged_payload({"delta": np.full(SIZE, 0.5)}, {"kind": "update", "client_id": "alice", "round": 1,
+                                                                  "partial": False, **meta})
+    else:
+        future = served.executor.submit(served.pool.evaluate, STATE, {"alice": {"round": 1}})
+        task = conn.next_task()
+        payload = _forged_payload({}, {"kind": "metrics", **meta})
+    ack = send(conn, conn.result_header(task.header, payload), payload)
+    assert not ack.accepted and reason in ack.reason
+    [result] = future.result(5)
+    assert isinstance(result, Failure) and result.kind == "rejected" and reason in result.reason
