@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 
 import numpy as np
@@ -51,9 +52,9 @@ def test_impossible_counts_are_rejected_and_a_huge_claim_moves_the_model_no_more
     assert [r.round for r in history] == [1, 2]
     for record in history:
         assert record.participants == ["0", "1", "2", "4"]
-        rejected = failure(record, "3")
-        assert rejected.kind == "rejected" and "num_examples must be in [1, 2**53], got an integer of 1329 bits" \
-            in rejected.reason
+        rejected = failure(record, "3")  # refused by the count check, or already by the header parser
+        assert rejected.kind == "rejected" and re.search(r"num_examples must be in \[1, 2\*\*53\], got an integer of "
+                                                         r"1329 bits|integer .* longer than", rejected.reason)
     np.testing.assert_allclose(moved(models, 0, 1), 13.25, atol=1e-4)
     np.testing.assert_allclose(moved(models, 1, 2), 13.25, atol=1e-4)
     assert "claims 1000000000000000 examples; its weight is capped at max_examples=10" in \
@@ -133,12 +134,20 @@ def _forged_payload(tensors: dict, meta: dict) -> bytes:
     return struct.pack("<4sI", b"FLT1", len(head)) + head + payload
 
 
+DECODER = "|corrupt header"  # NaN, Infinity and huge integers may already be refused by the header parser
+
+
 @pytest.mark.parametrize("kind, meta, reason", [
-    ("fit", {"num_examples": 10, "metrics": {"train_loss": math.nan}}, "metric 'train_loss' must be finite, got nan"),
-    ("fit", {"num_examples": 10**400, "metrics": {}}, "num_examples must be in [1, 2**53], got an integer of 1329"),
-    ("evaluate", {"metrics": {"accuracy": 0.5, "num_examples": math.inf}}, "metric 'num_examples' must be finite"),
-    ("evaluate", {"metrics": {"accuracy": 0.5, "num_examples": 10**400}}, "result could not be decoded (OverflowError"),
+    ("fit", {"num_examples": 10, "metrics": {"train_loss": math.nan}}, "metric 'train_loss' must be finite" + DECODER),
+    ("fit", {"num_examples": 10**400, "metrics": {}}, r"num_examples must be in \[1, 2\*\*53\]" + DECODER),
+    ("fit", {"num_examples": 2**60, "metrics": {}}, r"num_examples must be in \[1, 2\*\*53\], got 1152921504606846976"),
+    ("fit", {"num_examples": 10, "metrics": {"loss": 1e300, "x": True}}, "metric 'x' must be a number, got bool"),
+    ("evaluate", {"metrics": {"accuracy": 0.5, "num_examples": math.inf}}, "metric 'num_examples' must be finite"
+     + DECODER),
+    ("evaluate", {"metrics": {"accuracy": 0.5, "num_examples": 10**400}}, r"could not be decoded \(OverflowError"
+     + DECODER),
     ("evaluate", {"metrics": {"accuracy": 0.5, "num_examples": 2.5}}, "num_examples must be a count, got 2.5"),
+    ("evaluate", {"metrics": {"accuracy": 0.5, "num_examples": 1e300}}, "num_examples must be a count, got 1e"),
 ])
 def test_values_json_can_carry_but_the_encoder_never_writes_are_rejected_where_decoded(served, kind, meta, reason):
     """Over real gRPC: each is refused with its reason on the client's Ack, and its task fails alone."""
@@ -153,6 +162,6 @@ def test_values_json_can_carry_but_the_encoder_never_writes_are_rejected_where_d
         task = conn.next_task()
         payload = _forged_payload({}, {"kind": "metrics", **meta})
     ack = send(conn, conn.result_header(task.header, payload), payload)
-    assert not ack.accepted and reason in ack.reason
+    assert not ack.accepted and re.search(reason, ack.reason), ack.reason
     [result] = future.result(5)
-    assert isinstance(result, Failure) and result.kind == "rejected" and reason in result.reason
+    assert isinstance(result, Failure) and result.kind == "rejected" and re.search(reason, result.reason)
