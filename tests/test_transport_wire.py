@@ -169,16 +169,36 @@ def test_fuzz_mutated_results_fail_with_a_reason_or_decode_consistently(stream):
     np.testing.assert_array_equal(update.delta, np.linspace(-1, 1, 50))
 
 
+def _changed(header: pb.ResultHeader, field) -> pb.ResultHeader:
+    """A copy of `header` with one field given another valid value."""
+    other = pb.ResultHeader()
+    other.CopyFrom(header)
+    value = getattr(header, field.name)
+    if field.type == field.TYPE_DOUBLE:
+        setattr(other, field.name, value + 0.5)
+    elif field.type == field.TYPE_STRING:
+        setattr(other, field.name, value + "x")
+    elif field.type == field.TYPE_BYTES:
+        setattr(other, field.name, bytes([value[0] ^ 1]) + value[1:])
+    else:  # integers and the task kind
+        setattr(other, field.name, value + 1 if field.name != "kind" else pb.EVALUATE)
+    return other
+
+
 def test_signatures_bind_every_field():
+    """Every field of a result header but the signature is signed: one field changed, and the signature no
+    longer verifies (the loop runs over the schema, so a field added later is covered too)."""
     identity = Identity.generate()
-    fields = ("run", "alice", 3, b"n" * 16, pb.FIT, b"d" * 32, "")
-    signature = identity.sign(result_message(*fields))
-    assert verify(identity.public_hex, signature, result_message(*fields))
-    for i in range(len(fields)):
-        changed = list(fields)
-        changed[i] = {str: "other", int: 4, bytes: b"m" * 16}[type(fields[i])] if fields[i] != "" else "boom"
-        assert not verify(identity.public_hex, signature, result_message(*changed)), f"field {i} is not signed"
-    assert not verify(Identity.generate().public_hex, signature, result_message(*fields))
+    header = pb.ResultHeader(run_id="run", round=3, nonce=b"n" * 16, client_id="alice", kind=pb.FIT,
+                             payload_bytes=120, payload_sha256=b"d" * 32, train_seconds=0.25, error="boom")
+    signature = identity.sign(result_message(header))
+    assert verify(identity.public_hex, signature, result_message(header))
+    fields = [f for f in pb.ResultHeader.DESCRIPTOR.fields if f.name != "signature"]
+    assert {f.name for f in fields} >= {"train_seconds", "payload_bytes", "error"}
+    for field in fields:
+        assert not verify(identity.public_hex, signature, result_message(_changed(header, field))), (
+            f"field {field.name} is not signed")
+    assert not verify(Identity.generate().public_hex, signature, result_message(header))
 
 
 def test_allow_list_rejects_malformed_lines(tmp_path):

@@ -341,9 +341,7 @@ class RemotePool(ClientPool):
             return f"cross-run: result is for run {header.run_id!r}, this server runs {self.run_id!r}"
         if header.client_id != session.client_id:
             return f"claims to be client {header.client_id!r} on the authenticated connection of {session.client_id!r}"
-        signed = result_message(header.run_id, header.client_id, header.round, header.nonce, header.kind,
-                                header.payload_sha256, header.error)
-        if not verify(session.public_hex, header.signature, signed):
+        if not verify(session.public_hex, header.signature, result_message(header)):
             return f"forged: signature does not verify with the registered key of client {session.client_id!r}"
         return None
 
