@@ -109,3 +109,68 @@ def test_an_update_with_an_integer_or_half_extra_is_refused():
     update = Update("c", 1, np.ones(3), 2, extras={"mean_gradient": np.ones(3, dtype=np.int32)})
     with pytest.raises(SerializationError, match="extra 'mean_gradient' must be floating point, got int32"):
         decode_update(encode_update(update))
+
+
+# ---------------------------------------------------------------- every refusal of the tensor decoder, by its reason
+
+def _update_message(tensors=None, **meta):
+    fields = {"kind": "update", "client_id": "a", "round": 1, "num_examples": 3, **meta}
+    return encode_tensors({"delta": np.ones(2)} if tensors is None else tensors, fields)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"FLT1" + (2**20 + 1).to_bytes(4, "little") + b"{}", "header length 1048577 does not fit"),
+    (b"FLT1" + (50).to_bytes(4, "little") + b"{}", "header length 50 does not fit"),
+    (b"FLT1" + (2).to_bytes(4, "little") + b"[]", "missing tensor list"),
+    (b"FLT1" + (2).to_bytes(4, "little") + b"\xff\xfe", "corrupt header"),
+])
+def test_decoder_refuses_bad_prefixes_and_headers(data, reason):
+    with pytest.raises(SerializationError, match=reason):
+        decode_tensors(data)
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda h: h["tensors"][0].update(shape=[-1]), r"invalid shape \[-1\]"),
+    (lambda h: h["tensors"][0].update(shape=[True, 2]), r"invalid shape \[True, 2\]"),
+    (lambda h: h["tensors"][0].update(shape="2"), "invalid shape '2'"),
+    (lambda h: h["tensors"][0].update(name=7), "missing or duplicate name"),
+    (lambda h: h["tensors"].append(dict(h["tensors"][0])), "missing or duplicate name"),
+    (lambda h: h["tensors"].append(3), "tensor entry 1 is not an object"),
+    (lambda h: h.update(payload_bytes="16"), "missing payload length or checksum"),
+    (lambda h: h.update(sha256=None), "missing payload length or checksum"),
+    (lambda h: h.update(meta=[1]), "meta must be an object"),
+    (lambda h: h.update(payload_bytes=17), "tensors need 16 bytes but payload_bytes is 17"),
+])
+def test_decoder_refuses_each_corrupt_header_field(edit, reason):
+    with pytest.raises(SerializationError, match=reason):
+        decode_tensors(_rewrite_header(encode_tensors({"x": np.zeros(2)}), edit))
+
+
+def test_a_zero_size_and_a_scalar_tensor_decode():
+    back, meta = decode_tensors(encode_tensors({"empty": np.zeros((0, 3)), "s": np.float32(2.5)}, {"k": 1}))
+    assert back["empty"].shape == (0, 3) and back["s"].shape == () and back["s"] == 2.5 and meta == {"k": 1}
+
+
+@pytest.mark.parametrize("data, reason", [
+    (lambda: _update_message({"x": np.ones(2)}), "must hold a tensor 'delta'"),
+    (lambda: _update_message({"extra/c": np.ones(2), "delta": np.ones(2)}), "must hold a tensor 'delta'"),
+    (lambda: _update_message({"delta": np.ones(2), "control": np.ones(2)}), "must hold a tensor 'delta'"),
+    (lambda: _update_message({"delta": np.ones((2, 1))}), r"delta must be 1-D, got shape \(2, 1\)"),
+    (lambda: _update_message(client_id=5), "update metadata needs client_id"),
+    (lambda: _update_message(round="1"), "update metadata needs client_id"),
+    (lambda: _update_message(num_examples=2.0), "update metadata needs client_id"),
+    (lambda: _update_message(num_examples=-1), "update metadata needs client_id"),
+    (lambda: _update_message(metrics=[1.0]), "update metrics must map names to numbers"),
+    (lambda: _update_message(metrics={"loss": "low"}), "update metrics must map names to numbers"),
+    (lambda: _update_message(kind="state"), "expected an update, got a message of kind 'state'"),
+])
+def test_update_decoder_refuses_bad_names_shapes_and_metadata(data, reason):
+    with pytest.raises(SerializationError, match=reason):
+        decode_update(data())
+
+
+def test_update_metadata_edges_that_are_valid():
+    update = decode_update(_update_message(num_examples=0, metrics={"n": 3}))
+    assert update.num_examples == 0 and update.metrics == {"n": 3} and update.partial is False
+    with pytest.raises(SerializationError, match="cannot be serialized"):
+        encode_update(Update("a", 1, np.ones(2), 1, {"loss": float("nan")}))
