@@ -274,3 +274,24 @@ def test_direction_and_norm_thresholds_are_used():
     for name in ("cosine_z", "min_log_norm_scale", "min_cosine_scale"):
         with pytest.raises(ValueError, match=f"{name} must be > 0"):
             AnomalyChecks(**{name: 0.0})
+
+
+class HalfDone(Client):
+    """Clients whose id starts with 's' are stragglers: they send partial work."""
+
+    def fit(self, state, config):
+        return Update(self.cid, int(config["round"]), np.full(2, 1.0 if self.cid[0] == "s" else 3.0), 1,
+                      partial=self.cid[0] == "s")
+
+
+@pytest.mark.parametrize("strategy, used", [(FedAvg(), 3.0), (FedProx(mu=0.0), 2.0)])
+def test_partial_work_is_dropped_by_fedavg_and_used_by_fedprox(strategy, used):
+    result = run_simulation(HalfDone, ["s1", "f1"], initial_state=OrderedDict(w=np.zeros(2)), strategy=strategy,
+                            rounds=1, anomaly_checks=None)
+    np.testing.assert_array_equal(result.final_state["w"], [used, used])  # mean of 1 and 3, or 3 alone
+    failures = result.history.rounds[0].failures
+    if used == 3.0:
+        assert [(f.client_id, f.kind, f.reason) for f in failures] == [("s1", "straggler",
+                                                                         "partial work dropped by fedavg")]
+    else:
+        assert failures == []
