@@ -157,7 +157,7 @@ def test_fewer_than_threshold_survivors_abort_and_leave_the_model_unchanged():
     n = 12  # threshold 7 of 12
     server, _ = secagg_server(n, SecAggConfig(graph="full"), failing={MASKED: {str(i) for i in range(6)}})
     before = server.params.copy()
-    with pytest.raises(SecAggAbort, match="fewer than the secure-aggregation threshold 7.*unchanged"):
+    with pytest.raises(SecAggAbort, match="fewer than the 7 secure aggregation needs.*unchanged"):
         server.run(1)
     assert np.array_equal(server.params, before) and server.round == 0
 
@@ -193,9 +193,8 @@ def _advertised(n: int):
     identities = Identities.generate(ids)
     client = SecAggClient(identities.sign, identities.registry)
     pool = InProcessPool(lambda cid: VectorClient(cid, DIM), ids, handlers=client.handlers())
-    plan = {"round": 1, "cohort_size": n, "threshold": n // 2 + 1, "clip_range": 1.0, "levels": 1000,
-            "consistency_check": True}
-    replies = pool.exchange({c: Message(ADVERTISE, meta={**plan, "neighbours": [d for d in ids if d != c]}) for c in ids})
+    plan = SecAggProtocol(SecAggConfig(graph="full"), identities.registry).plan(1, ids)
+    replies = pool.exchange({c: Message(ADVERTISE, meta=plan.to_meta()) for c in ids})
     return ids, pool, replies
 
 
@@ -212,9 +211,10 @@ def test_clients_refuse_a_swapped_key_advertisement():
 
 def test_clients_refuse_unsafe_plans_and_out_of_order_stages():
     ids, pool, _ = _advertised(4)
-    low = {"round": 1, "cohort_size": 4, "threshold": 2, "clip_range": 1.0, "levels": 1000,
-           "consistency_check": True, "neighbours": ["1", "2", "3"]}
-    assert "unsafe threshold" in pool.exchange({"0": Message(ADVERTISE, meta=low)})["0"].reason
+    plan = SecAggProtocol(SecAggConfig(graph="full"), {}).plan(1, ids).to_meta()
+    for unsafe, why in [({"threshold": 2}, "unsafe threshold"), ({"quorum": 2}, "unsafe consistency quorum"),
+                        ({"cohort": ["1", "2", "3"]}, "leaves this client out"), ({"levels": 2**31}, "overflow")]:
+        assert why in pool.exchange({"0": Message(ADVERTISE, meta={**plan, **unsafe})})["0"].reason
     skipped = pool.exchange({"1": Message(UNMASK, meta={"round": 1, "survivors": ids})})["1"]
     assert "before the survivor set was confirmed" in skipped.reason
 

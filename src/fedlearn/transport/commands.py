@@ -52,7 +52,12 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
                              "sets dp_clip; the server adds the noise)")
     client.add_argument("--peer-keys", type=Path, metavar="ALLOWLIST",
                         help="check other clients' secure-aggregation signatures against this allow-list instead "
-                             "of the keys the server announces")
+                             "of the keys the server announces, and defend against a malicious server: refuse "
+                             "sparse (SecAgg+) graphs")
+    client.add_argument("--secagg-min-cohort", type=int, default=2, metavar="N",
+                        help="refuse secure-aggregation rounds with fewer than N clients (default 2)")
+    client.add_argument("--secagg-min-noise", type=float, default=0.0, metavar="Z",
+                        help="refuse distributed-DP rounds whose noise multiplier is below Z (default 0)")
 
     certs = sub.add_parser("certs", help="create a CA, server certificate, client credentials and allow-list",
                            description="Create (or extend) a credentials folder. Run again on the same folder to "
@@ -107,6 +112,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     from .client_factory import builtin_client, user_client
     from ..privacy.central import CentralDPClient
     from .client_process import ClientRejected, run_client
+    from ..secagg.protocol import ClientPolicy
     from .secagg_handlers import load_peer_keys, secagg_handlers
 
     _log_structured()
@@ -120,7 +126,9 @@ def cmd_client(args: argparse.Namespace) -> int:
         raise ConfigError("say where the data comes from: --client-index K (with --dataset ...) or --client-module")
     pinned = load_peer_keys(args.peer_keys) if args.peer_keys else None
     # secure aggregation needs nothing but these handlers: its settings come with each round's plan
-    handlers = secagg_handlers(bundle.client_id, bundle.identity, pinned)
+    policy = ClientPolicy(full_graph_only=pinned is not None, min_cohort=args.secagg_min_cohort,
+                          min_noise=args.secagg_min_noise)
+    handlers = secagg_handlers(bundle.client_id, bundle.identity, pinned, policy)
     try:
         reason = run_client(client, args.server, identity=bundle.identity, tls=None if args.insecure else bundle.tls,
                             transforms=[CentralDPClient()] if args.central_dp else [], handlers=handlers,
