@@ -29,6 +29,8 @@ _SIM_FLAGS: list[tuple[str, str, type, str]] = [
     ("--fraction", "fraction", float, "sample this fraction of clients per round instead of a count"),
     ("--min-clients", "min_clients", int, "fewest usable updates for a round to count (default 1)"),
     ("--eval-clients", "eval_clients", int, "clients sampled for federated evaluation per round (default 10)"),
+    ("--max-examples", "max_examples", int, "cap on the example count a client may claim, its weight in the mean "
+                                            "(default 100000)"),
     ("--strategy", "strategy", str, "strategy name, see README (default fedavg)"),
     ("--local-epochs", "local_epochs", int, "local epochs per round (default 5)"),
     ("--batch-size", "batch_size", int, "local batch size (default 5)"),

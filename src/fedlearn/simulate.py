@@ -137,7 +137,7 @@ def simulate(
     return run_simulation(
         task.client, task.data.client_ids, task.model_fn, strategy=task.strategy,
         rounds=cfg.rounds, clients_per_round=cfg.clients_per_round, fraction=cfg.fraction,
-        min_clients=robust.min_clients, eval_clients=cfg.eval_clients,
+        min_clients=robust.min_clients, eval_clients=cfg.eval_clients, max_examples=cfg.max_examples,
         central_eval=robust.central_eval, transforms=[*robust.transforms, *privacy.transforms],
         anomaly_checks=anomaly_checks, protocol=privacy.protocol, handlers=privacy.handlers, sampler=privacy.sampler,
         faults=FaultInjector(cfg.crash_rate, cfg.drop_rate, cfg.straggler_rate, seed=cfg.seed),
@@ -159,6 +159,7 @@ def run_simulation(
     min_clients: int = 1,
     max_failed_rounds: int = 3,
     eval_clients: int = 0,
+    max_examples: int | None = None,
     central_eval: CentralEval | None = None,
     faults: FaultInjector | None = None,
     transforms: Sequence[Transform] = (),
@@ -176,7 +177,8 @@ def run_simulation(
     """Simulate federated training of any clients. The initial model is `initial_state`, or `model_fn()`
     built under `torch.manual_seed(seed)`. Samples all clients each round unless a count or fraction is given.
     With `run_dir`, every round is committed to a run store there, and a run already in it is resumed.
-    `anomaly_checks` screens every update before aggregation (pass None to turn the screening off).
+    `anomaly_checks` screens every update before aggregation (pass None to turn the screening off);
+    `max_examples` caps the example count (aggregation weight) any client may claim.
     A multi-stage `protocol` (secure aggregation) needs its client-side `handlers`; `sampler` replaces the
     count / fraction sampler (e.g. Poisson sampling for DP). `backend` picks where clients train
     (sequential, vectorized, process, ray; see `fedlearn.simulation.backends`), `ray_address` a Ray cluster."""
@@ -194,7 +196,7 @@ def run_simulation(
     server = Server(
         pool, strategy or make_strategy("fedavg"), initial_state,
         sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed), min_clients=min_clients,
-        max_failed_rounds=max_failed_rounds, anomaly_checks=anomaly_checks, protocol=protocol,
+        max_failed_rounds=max_failed_rounds, anomaly_checks=anomaly_checks, protocol=protocol, max_examples=max_examples,
         transforms=transforms, central_eval=central_eval, eval_clients=eval_clients, store=store, seed=seed,
     )
     start = time.perf_counter()

@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     metrics TEXT NOT NULL,
     participants TEXT NOT NULL,
     failures TEXT NOT NULL,
-    committed_at REAL NOT NULL
+    committed_at REAL NOT NULL,
+    note TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -54,6 +55,10 @@ class RunStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(rounds)")}
+        if "note" not in columns:  # a store written before failed rounds kept their reason
+            with self._conn:
+                self._conn.execute("ALTER TABLE rounds ADD COLUMN note TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         self._conn.close()
@@ -74,8 +79,9 @@ class RunStore:
         metrics: dict[str, float],
         participants: list[str],
         failures: list[Failure],
+        note: str = "",
     ) -> None:
-        """Write one completed round atomically."""
+        """Write one completed round atomically; `note` says why a failed round left the model unchanged."""
         row = (
             rnd,
             encode_state(state),
@@ -84,9 +90,11 @@ class RunStore:
             json.dumps(participants),
             json.dumps([[f.client_id, f.kind, f.reason] for f in failures]),
             time.time(),
+            note,
         )
         with self._conn:
-            self._conn.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            self._conn.execute("INSERT OR REPLACE INTO rounds (round, model, strategy_state, metrics, participants, "
+                               "failures, committed_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
 
     def last_round(self) -> int | None:
         """Number of the last committed round, or None for an empty store."""
@@ -103,9 +111,9 @@ class RunStore:
     def history(self) -> list[RoundRecord]:
         """Every committed round after round 0, in order."""
         rows = self._conn.execute(
-            "SELECT round, metrics, participants, failures FROM rounds WHERE round > 0 ORDER BY round"
+            "SELECT round, metrics, participants, failures, note FROM rounds WHERE round > 0 ORDER BY round"
         ).fetchall()
         return [
-            RoundRecord(r, json.loads(m), json.loads(p), [Failure(*f) for f in json.loads(fl)])
-            for r, m, p, fl in rows
+            RoundRecord(r, json.loads(m), json.loads(p), [Failure(*f) for f in json.loads(fl)], note)
+            for r, m, p, fl, note in rows
         ]

@@ -99,6 +99,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     except (NotEnoughClientsError, RoundFailedError, OSError) as exc:
         print(f"fedlearn: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"fedlearn: interrupted; connected clients keep reconnecting, and the same command resumes the run "
+              f"from its last committed round in {settings.run_dir}", file=sys.stderr)
+        return 130
     last = result.history.last
     print(f"final test accuracy: {last.get('test_accuracy', float('nan')):.4f}  ({result.seconds:.1f}s)")
     print(f"run directory: {result.run_dir}")
