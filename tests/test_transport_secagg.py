@@ -127,7 +127,8 @@ def test_secure_aggregation_over_grpc_survives_a_client_killed_mid_training(tmp_
     assert expected.accuracy > 0.7 and abs(accuracy - expected.accuracy) <= 0.05
     assert rounds[-1].metrics["dp_rounds"] == ROUNDS
     # the server held only masked vectors: an unmasked encoding stays below `levels`, while a masked one is
-    # uniform on the 2^32 ring, so about 1 - 1/5 of its coordinates lie above every possible encoding
+    # uniform on the 2^32 ring, so about 1 - 1/10 of its coordinates lie above every possible encoding (levels
+    # leave half the ring as headroom for 5 clients)
     levels = SecAggConfig(clip_range=2.0).quantizer(CLIENTS).levels
     replies = [reply for _, replies in seen for reply in replies.values() if isinstance(reply, Message)]
     masked = [reply.tensors["masked"] for reply in replies]
@@ -136,7 +137,7 @@ def test_secure_aggregation_over_grpc_survives_a_client_killed_mid_training(tmp_
     # no per-client metadata in the clear: no example count, no metrics
     assert all(set(reply.meta) == {"round", "partial"} and set(reply.tensors) == {"masked"} for reply in replies)
     assert 0 < rounds[-1].metrics["train_loss"] < 3  # the cohort mean, from the masked sum
-    assert all(0.7 < np.mean(y >= levels) < 0.9 for y in masked)
+    assert all(0.85 < np.mean(y >= levels) < 0.95 for y in masked)
     assert "round=3 kind=exchange" in (tmp_path / "client0.log").read_text()
 
 

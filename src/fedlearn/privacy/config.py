@@ -14,6 +14,8 @@ Keys (all optional; nothing is on by default)::
     local_dp_clip, local_dp_noise          local DP on each client (both > 0 to enable)
     secagg           secure aggregation on/off
     secagg_graph     "sparse" (SecAgg+) or "full"; secagg_degree, secagg_threshold, secagg_range
+    dp_distributed   distributed DP (needs secagg and dp_clip): each client adds its share of the noise, so the
+                     server never holds an un-noised sum; calibrated for the fewest survivors the round accepts
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class PrivacyConfig:
     secagg_degree: int | None = None
     secagg_threshold: float = 0.5
     secagg_range: float | None = None
+    dp_distributed: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -70,6 +73,9 @@ class PrivacyConfig:
              "adaptive clipping needs each client's clipped/unclipped bit, which secure aggregation hides; "
              "use a fixed dp_clip with secagg")
         need(self.secagg_range is None or self.secagg_range > 0, "secagg_range must be > 0")
+        need(not self.dp_distributed or (self.secagg and self.central),
+             "dp_distributed needs secagg and central DP (dp_clip with dp_noise or target_epsilon): the clients' "
+             "noise shares add up to the target noise only inside the secure sum")
 
     @property
     def central(self) -> bool:

@@ -85,8 +85,10 @@ class SecAggConfig:
         _check_fields(self.fields, ValueError)
 
     def quantizer(self, cohort: int) -> Quantizer:
-        """The finest quantiser whose cohort-wide sum cannot wrap the ring."""
-        return Quantizer(self.clip_range, max_levels(cohort))
+        """The finest quantiser whose cohort-wide sum stays in the lower half of the ring: the upper half is
+        headroom, so a forged input outside the clip range lands there (and the round is refused) for about
+        half of the coordinates it touches instead of wrapping unseen."""
+        return Quantizer(self.clip_range, max_levels(2 * cohort))
 
 
 @dataclass(frozen=True)
