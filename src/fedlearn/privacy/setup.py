@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..messages import Handler
 from ..secagg.client import SecAggClient
 from ..secagg.keys import Identities
 from ..secagg.protocol import SecAggConfig, threshold_count
 from ..secagg.server import SecAggProtocol, refuse_extras, refuse_strategy
+from ..server.protocol import RoundProtocol
 from ..server.sampling import PoissonSampler
 from ..strategies.base import Strategy
 from ..strategies.fedavg import weighted_mean
@@ -27,7 +29,7 @@ class PrivacySetup:
     """What `build_privacy` made; `sampler` is None when the run's own fixed-size sampler is kept."""
 
     transforms: list[Transform] = field(default_factory=list)
-    protocol: SecAggProtocol | None = None
+    protocol: RoundProtocol | None = None
     handlers: dict[str, Handler] = field(default_factory=dict)
     sampler: PoissonSampler | None = None
     summary: list[str] = field(default_factory=list)
@@ -69,7 +71,26 @@ def build_privacy(cfg: PrivacyConfig, *, client_ids: Sequence[str], cohort: int,
         setup.summary.append(f"secure aggregation: {secagg.graph} graph, threshold {secagg.threshold:g} of each "
                              f"neighbourhood, coordinates clipped to +-{secagg.clip_range:g}; update anomaly checks are off "
                              "(they need individual updates)")
+    if cfg.he:
+        setup.protocol, setup.handlers = _he(cfg, strategy, registry is not None)
+        setup.summary.append("homomorphic-encryption aggregation (CKKS): the server adds ciphertexts with the public "
+                             "key only, contributors decrypt the sum; update anomaly checks are off")
     return setup
+
+
+def _he(cfg: PrivacyConfig, strategy: Strategy, deployment: bool) -> tuple[RoundProtocol, dict[str, Handler]]:
+    """The HE protocol; in a simulation a fresh key whose secret half goes to the client handlers, in a
+    deployment the public context file named by `he_public_key` (clients load the secret one themselves)."""
+    from ..he import HEClient, HEConfig, HEProtocol, create_keys  # TenSEAL is an optional dependency
+
+    refuse_strategy(strategy, "homomorphic-encryption aggregation")
+    config = HEConfig(weighted=not cfg.central)
+    if deployment:
+        if not cfg.he_public_key:
+            raise ValueError("privacy: he needs he_public_key, the server's public context from `fedlearn he-keys`")
+        return HEProtocol(config, Path(cfg.he_public_key).read_bytes()), {}
+    secret, public = create_keys()
+    return HEProtocol(config, public), HEClient(secret).handlers()
 
 
 def _noise_multiplier(cfg: PrivacyConfig, population: int, cohort: int, rounds: int) -> float:

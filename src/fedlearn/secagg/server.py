@@ -11,7 +11,6 @@ leaves the model as it was, and goes on with the next round.
 """
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ import numpy as np
 from ..messages import Message, as_bytes
 from ..params import Layout
 from ..server.pool import ClientPool
-from ..server.protocol import RoundAborted, RoundProtocol
-from ..server.validate import describe
+from ..server.protocol import RoundAborted, RoundProtocol, exchange_stage
+from ..server.validate import describe, sum_norm_problem
 from ..strategies.base import Strategy
 from ..strategies.fedavg import weighted_mean
 from ..transforms.base import Transform
@@ -32,9 +31,6 @@ from .client import distributed_noise_std, holders_of
 from .graph import default_degree
 from .protocol import (ADVERTISE, CONSISTENCY, IDENTITY_KEYS, MASKED, SHARE, UNMASK, RoundPlan, SecAggConfig,
                        threshold_count)
-
-log = logging.getLogger(__name__)
-
 
 SIGNATURE_BYTES = 64  # Ed25519
 
@@ -236,15 +232,12 @@ class SecAggProtocol(RoundProtocol):
         quantizer = plan.quantizer()
         delta_sum = quantizer.decode_sum(total[: rs.dim], count)
         if rs.clip is not None:
-            bound = count * (rs.clip + quantizer.max_rounding_norm(rs.dim))
+            slack = count * quantizer.max_rounding_norm(rs.dim)
             if plan.noise > 0:
-                noise_std = distributed_noise_std(plan, rs.clip, rs.dim) * math.sqrt(count)
-                bound += noise_std * (math.sqrt(rs.dim) + 8)
-            norm = float(np.linalg.norm(delta_sum))
-            if norm > bound:
-                raise SecAggAbort(f"round {rs.rnd}: the unmasked sum has L2 norm {norm:.4g}, more than {count} clients "
-                                  f"clipped to {rs.clip:g} can reach ({bound:.4g}): a client did not clip; the round is "
-                                  "refused and the global model is unchanged.")
+                slack += distributed_noise_std(plan, rs.clip, rs.dim) * math.sqrt(count) * (math.sqrt(rs.dim) + 8)
+            problem = sum_norm_problem(delta_sum, count, rs.clip, slack)
+            if problem is not None:
+                raise SecAggAbort(f"round {rs.rnd}: {problem}; the round is refused and the global model is unchanged.")
         sums = {name: float(q.decode_sum(total[rs.dim + i: rs.dim + i + 1], count)[0] + count * centre)
                 for i, ((name, _, _), (q, centre)) in enumerate(zip(plan.fields, plan.field_quantizers()))}
         return delta_sum, sums
@@ -293,19 +286,8 @@ class SecAggProtocol(RoundProtocol):
         self, pool: ClientPool, stage: str, requests: dict[str, Message], failures: list[Failure], *,
         state: State | None = None, transforms: Sequence[Transform] = (), deadline: float | None = None,
     ) -> dict[str, Message]:
-        """Send one stage; return the replies of the right kind and record everyone else as failed."""
-        replies = pool.exchange(requests, state=state, transforms=transforms, deadline=deadline or self.config.deadline)
-        answered: dict[str, Message] = {}
-        for cid in requests:
-            reply = replies.get(cid)
-            if isinstance(reply, Message) and reply.kind == stage:
-                answered[cid] = reply
-                continue
-            failure = Failure(cid, reply.kind, f"{stage}: {reply.reason}") if isinstance(reply, Failure) else \
-                Failure(cid, "timeout", f"{stage}: no answer")
-            log.info("secure aggregation: client %s %s: %s", cid, failure.kind, failure.reason)
-            failures.append(failure)
-        return answered
+        return exchange_stage(pool, stage, requests, failures, deadline=deadline or self.config.deadline,
+                              state=state, transforms=transforms)
 
     def _plan_meta(self, plan: RoundPlan, cid: str) -> dict:
         """The plan, plus the identity public keys of the client and its neighbours (hex) for clients that
