@@ -23,6 +23,7 @@ import tenseal as ts
 
 from ..messages import ClientSession, Handler, Message, as_bytes, from_bytes
 from ..params import Layout
+from ..privacy.central import CLIP_KEY
 from ..secagg.protocol import DEFAULT_FIELDS
 from ..secagg.server import refuse_extras, refuse_strategy
 from ..server.pool import ClientPool
@@ -98,7 +99,7 @@ class HEProtocol(RoundProtocol):
             return []
         rnd = int(next(iter(instructions.values()))["round"])
         dim = Layout.of(state).size
-        clip = next(iter(instructions.values())).get("dp_clip")
+        clip = next(iter(instructions.values())).get(CLIP_KEY)
         length = dim + len(self.config.fields) + 1
         meta = {"round": rnd, "length": length, "fields": list(self.config.fields),
                 "weighted": self.config.weighted and clip is None, "max_examples": self.config.max_examples}

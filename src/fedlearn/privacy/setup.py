@@ -44,7 +44,8 @@ def build_privacy(cfg: PrivacyConfig, *, client_ids: Sequence[str], cohort: int,
     own identity keys, so no client handlers are made. Without it (simulation) fresh identities are made."""
     setup = PrivacySetup()
     if cfg.enabled:
-        refuse_extras(strategy, "differential privacy" if not cfg.secagg else "secure aggregation")
+        refuse_extras(strategy, "secure aggregation" if cfg.secagg else
+                      "homomorphic-encryption aggregation" if cfg.he else "differential privacy")
     population = len(client_ids)
     if cfg.sampling == "poisson":
         setup.sampler = PoissonSampler(cohort / population, seed=seed)

@@ -4,8 +4,9 @@
 `collect` runs advertise -> share -> masked (training happens inside the masked stage) and returns each
 survivor's masked vector as its `Update`, so the round loop's checks (sender, round, shape) still apply.
 `aggregate` runs consistency -> unmask on the updates the loop accepted, removes the masks and returns
-the mean. Every reply is checked (tensors present, of the right type and size; counts and metrics in range)
-before use, and a bad one is that client's failure. Too few survivors at any stage, or shares that do not
+the mean. Every reply is checked (tensors present, of the right type and size) before use, and a bad one is
+that client's failure; no example count or metric travels in the clear (they are summed inside the masked
+vector), and the unmasked sum is checked against what clipped clients can reach. Too few survivors at any stage, or shares that do not
 recover a valid key, raise `SecAggAbort`; the round loop then records the round as failed with the reason,
 leaves the model as it was, and goes on with the next round.
 """
