@@ -66,6 +66,8 @@ _PRIVACY_FLAGS: list[tuple[str, str, type, str]] = [
     ("--secagg-graph", "secagg_graph", str, "sparse (SecAgg+, default) or full"),
     ("--secagg-threshold", "secagg_threshold", float, "fraction of a neighbourhood needed to unmask (default 0.5)"),
     ("--secagg-range", "secagg_range", float, "clip each coordinate to +-this before quantising (default dp-clip or 1)"),
+    ("--dp-distributed", "dp_distributed", bool, "distributed DP: clients add the noise inside secure aggregation"),
+    ("--he", "he", bool, "homomorphic-encryption aggregation (CKKS): the server adds ciphertexts, clients decrypt"),
 ]
 
 

@@ -56,7 +56,10 @@ class CentralDP(Transform):
     """DP-FedAvg. `mechanism` describes sampling and the total noise multiplier z used for accounting;
     `delta` is the accounting delta; `budget` the largest epsilon the run may reach (None: no limit).
     `rounding_slack(d)` widens the sensitivity when updates are quantised after clipping (secure aggregation).
-    `rng` draws the noise; leave it None in real use (OS entropy): a seeded generator makes noise guessable."""
+    `rng` draws the noise; leave it None in real use (OS entropy): a seeded generator makes noise guessable.
+    `distributed`: the clients already added the noise inside secure aggregation (`SecAggProtocol(noise=z)`),
+    calibrated so that the sum carries at least std z * sensitivity; finalize then adds none, and accounts
+    for that worst case."""
 
     name = "central_dp"
 
@@ -71,6 +74,7 @@ class CentralDP(Transform):
         verify_clipping: bool = True,
         rounding_step: float = 0.0,
         rng: np.random.Generator | None = None,
+        distributed: bool = False,
     ) -> None:
         if not (math.isfinite(clip) and clip > 0):
             raise ValueError(f"DP clip norm must be a positive number, got {clip}")
@@ -78,6 +82,10 @@ class CentralDP(Transform):
             raise ValueError(f"DP delta must be in (0, 1), got {delta}")
         self.clip, self.mechanism, self.delta, self.budget = clip, mechanism, delta, budget
         self.adaptive, self.verify_clipping, self.rounding_step = adaptive, verify_clipping, rounding_step
+        if distributed and adaptive is not None:
+            raise ValueError("distributed DP needs a fixed clip norm: adaptive clipping's count noise would be "
+                             "added by the server")
+        self.distributed = distributed
         self.expected = float(mechanism.cohort)
         z = mechanism.noise_multiplier
         self.update_noise = adaptive.update_noise_multiplier(z, self.expected) if adaptive and z > 0 else z
@@ -136,7 +144,8 @@ class CentralDP(Transform):
         total = delta * len(updates)  # the (equal-weight) mean back to a sum
         sensitivity = self.clip + self.rounding_step * math.sqrt(delta.size)
         std = self.update_noise * sensitivity
-        noised = (total + self.rng.normal(0.0, std, size=delta.shape)) / self.expected
+        noise = 0.0 if self.distributed else self.rng.normal(0.0, std, size=delta.shape)
+        noised = (total + noise) / self.expected
         self.last_noise_std = std / self.expected
         self._clip_used = self.clip
         if self.adaptive is not None:

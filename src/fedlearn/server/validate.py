@@ -78,3 +78,14 @@ def update_problem(update: Update, *, expected_client: str, rnd: int, size: int)
     if problem is None and not isinstance(update.partial, (bool, np.bool_)):
         problem = f"partial must be true or false, got {describe(update.partial)}"
     return problem
+
+
+def sum_norm_problem(total: np.ndarray, count: int, clip: float, slack: float = 0.0) -> str | None:
+    """Why `total` cannot be the sum of `count` updates each clipped to L2 norm `clip` (plus `slack` for
+    rounding and noise), or None: the one check of a client's influence left when only the sum is visible."""
+    norm = float(np.linalg.norm(total))
+    bound = count * clip + slack
+    if not norm <= bound:
+        return (f"the sum has L2 norm {norm:.4g}, more than {count} clients clipped to {clip:g} can reach "
+                f"({bound:.4g}): a client did not clip")
+    return None
