@@ -74,8 +74,9 @@ class RunStore:
         metrics: dict[str, float],
         participants: list[str],
         failures: list[Failure],
+        meta: dict[str, Any] | None = None,
     ) -> None:
-        """Write one completed round atomically."""
+        """Write one completed round atomically, with `meta` entries a driver must resume from (see `set_meta`)."""
         row = (
             rnd,
             encode_state(state),
@@ -87,6 +88,8 @@ class RunStore:
         )
         with self._conn:
             self._conn.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            for key, value in (meta or {}).items():
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     def last_round(self) -> int | None:
         """Number of the last committed round, or None for an empty store."""
