@@ -128,6 +128,8 @@ class AsyncServer:
             raise ValueError(f"strategy {strategy.name!r} needs {', '.join(strategy.client_extras)} from every "
                              "client of a synchronous round (control variates); use it with the round loop, or "
                              "pick fedavg, fedprox or a FedOpt strategy for asynchronous training")
+        for transform in transforms:
+            transform.check_chain(transforms, None)
         self.executor, self.strategy = executor, strategy
         self.layout = Layout.of(initial_state)
         self.params = self.layout.flatten(initial_state)
