@@ -56,6 +56,22 @@ def staleness_weight(kind: str = "sqrt", exponent: float = 0.5) -> Callable[[int
     raise ValueError(f"unknown staleness weighting {kind!r}; choose 'sqrt', 'polynomial' or 'constant'")
 
 
+@dataclass(frozen=True)
+class AsyncSettings:
+    """The knobs of a FedBuff run (see `AsyncServer`), e.g. for a deployment server in asynchronous mode."""
+
+    buffer_size: int = 10
+    concurrency: int = 20
+    staleness: str = "sqrt"
+    staleness_exponent: float = 0.5
+    max_staleness: int | None = None
+
+    def server_args(self) -> dict:
+        """Keyword arguments of `AsyncServer`."""
+        return {"buffer_size": self.buffer_size, "concurrency": self.concurrency, "max_staleness": self.max_staleness,
+                "staleness": staleness_weight(self.staleness, self.staleness_exponent)}
+
+
 @dataclass
 class Task:
     """One client's work in flight: trained from model `version` (so it answers for step `version + 1`),
@@ -155,6 +171,11 @@ class AsyncServer:
     def state(self) -> State:
         """The current global model."""
         return self.layout.unflatten(self.params)
+
+    @property
+    def round(self) -> int:
+        """Server steps completed (what the round loop calls rounds; progress bars and status read it)."""
+        return self.step
 
     # ----- the driver
     def run(self, steps: int, callbacks: Sequence[RoundCallback] = (), *, until: float | None = None) -> History:
@@ -319,13 +340,16 @@ def _scaled(update: Update, weight: float) -> Update:
 
 class ThreadExecutor:
     """Real time over any thread-safe pool (e.g. `RemotePool`): each task is a one-client `pool.fit` in its own
-    thread, so a slow client holds only its own slot. Idle clients are those connected and not busy, so
-    clients may join and leave during the run. Tasks in flight when a server stops are lost (their clients
-    get new ones after a restart)."""
+    thread, so a slow client holds only its own slot. The first look for idle clients waits as the pool's
+    `client_ids` does (for enough clients to connect); later ones take `connected()` (the clients connected
+    right now, without waiting) when given, so clients may join and leave during the run. Tasks in flight
+    when a server stops are lost (their clients get new ones after a restart)."""
 
-    def __init__(self, pool: ClientPool, poll_seconds: float = 1.0) -> None:
-        self.pool, self.poll_seconds = pool, poll_seconds
+    def __init__(self, pool: ClientPool, connected: Callable[[], Sequence[str]] | None = None,
+                 poll_seconds: float = 1.0) -> None:
+        self.pool, self.connected, self.poll_seconds = pool, connected, poll_seconds
         self._start, self._offset = time.monotonic(), 0.0
+        self._waited = False
         self._results: queue.Queue[tuple[Task, Update | Failure]] = queue.Queue()
 
     @property
@@ -333,7 +357,9 @@ class ThreadExecutor:
         return self._offset + time.monotonic() - self._start
 
     def idle(self, busy: set[str]) -> list[str]:
-        return [c for c in self.pool.client_ids if c not in busy]
+        ids = self.connected() if self._waited and self.connected is not None else self.pool.client_ids
+        self._waited = True
+        return [c for c in ids if c not in busy]
 
     def start(self, task: Task, state: State, transforms: Sequence[Transform]) -> None:
         def work() -> None:

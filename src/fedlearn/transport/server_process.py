@@ -19,6 +19,7 @@ from ..privacy import PrivacyConfig, PrivacySetup, build_privacy
 from ..progress import RoundProgress
 from ..server import ClientSampler, RunStore, Server
 from ..server.anomaly import AnomalyChecks
+from ..server.async_loop import AsyncServer, AsyncSettings, ThreadExecutor
 from ..server.protocol import RoundProtocol
 from ..server.round_loop import CentralEval
 from ..server.sampling import PoissonSampler
@@ -95,7 +96,8 @@ def load_server_config(path: str | Path) -> tuple[SimulationConfig, ServerSettin
 class DeploymentServer:
     """Serves a federated run to remote clients: `start()` listens, `run()` runs the rounds, `stop()` ends.
 
-    The arguments are those of `Server`; a multi-exchange `protocol` (secure aggregation) runs its stages
+    The arguments are those of `Server`; with `asynchronous` settings the run is FedBuff (`AsyncServer`,
+    `rounds` server steps) over the connected clients, which may join and leave at any time. A multi-exchange `protocol` (secure aggregation) runs its stages
     through the pool, and each client process needs the protocol's `client_handlers()` (`run_client`; for
     secure aggregation `secagg_handlers`). `sampler` replaces the count / fraction sampler.
     """
@@ -119,6 +121,7 @@ class DeploymentServer:
         fit_config: Config | None = None,
         seed: int = 0,
         meta: dict[str, Any] | None = None,
+        asynchronous: AsyncSettings | None = None,
     ) -> None:
         if clients_per_round is None and fraction is None:
             fraction = 1.0
@@ -132,11 +135,20 @@ class DeploymentServer:
         self.pool = RemotePool(self.run_id, round_deadline=settings.round_deadline,
                                min_available=settings.wait_for_clients or clients_per_round or 1,
                                wait_timeout=settings.wait_timeout, fit_config=fit_config)
-        self.server = Server(self.pool, strategy, initial_state,
-                             sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
-                             min_clients=min_clients,
-                             transforms=transforms, central_eval=central_eval, eval_clients=eval_clients,
-                             store=self.store, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
+        if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
+            if protocol is not None or sampler is not None or eval_clients:
+                raise ConfigError("asynchronous mode takes no round protocol (secure aggregation), sampler or "
+                                  "federated evaluation: clients train whenever they are connected and idle")
+            self.server: Server | AsyncServer = AsyncServer(
+                ThreadExecutor(self.pool, self.pool.connected), strategy, initial_state, **asynchronous.server_args(),
+                transforms=transforms, anomaly_checks=anomaly_checks, central_eval=central_eval, store=self.store,
+                seed=seed)
+        else:
+            self.server = Server(self.pool, strategy, initial_state,
+                                 sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
+                                 min_clients=min_clients,
+                                 transforms=transforms, central_eval=central_eval, eval_clients=eval_clients,
+                                 store=self.store, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
         self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout)
         self.phase = "waiting"
         self._grpc = None
