@@ -92,6 +92,8 @@ class Server:
         self.anomaly_checks, self.max_examples = anomaly_checks, max_examples
         self.protocol = protocol or RoundProtocol()
         self.protocol.check(strategy)
+        for transform in self.transforms:
+            transform.check_chain(self.transforms, self.protocol)
         self.stop_reason = ""
         self.round = 0
         self.history = History()

@@ -121,8 +121,10 @@ class RunStore:
         participants: list[str],
         failures: list[Failure],
         note: str = "",
+        meta: dict[str, Any] | None = None,
     ) -> None:
-        """Write one completed round atomically; `note` says why a failed round left the model unchanged."""
+        """Write one completed round atomically; `note` says why a failed round left the model unchanged, and
+        `meta` holds entries a driver must resume from (see `set_meta`), written in the same transaction."""
         row = (
             rnd,
             encode_state(state),
@@ -136,6 +138,8 @@ class RunStore:
         with self._conn:
             self._conn.execute("INSERT OR REPLACE INTO rounds (round, model, strategy_state, metrics, participants, "
                                "failures, committed_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            for key, value in (meta or {}).items():
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     def last_round(self) -> int | None:
         """Number of the last committed round, or None for an empty store."""

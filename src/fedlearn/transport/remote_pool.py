@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..compression import update_codec
 from ..params import Layout
 from ..messages import Message, decode_message, encode_message
 from ..serialize import SerializationError, decode_update, encode_state
@@ -62,6 +63,7 @@ class Task:
     deadline_seconds: float
     result_limit: int  # largest result payload accepted for this task
     session: "Session"
+    codec: Any = None  # how this task's update is packed (fit tasks)
     result: Update | EvalResult | Failure | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -214,8 +216,10 @@ class RemotePool(ClientPool):
         self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
     ) -> list[Update | Failure]:
         bodies = {cid: _Body(_round(c), encode_config({**self.fit_config, **c})) for cid, c in instructions.items()}
-        limit = RESULT_OVERHEAD + 8 * Layout.of(state).size  # a float64 delta
-        return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms]).values())
+        layout = Layout.of(state)
+        limit = RESULT_OVERHEAD + 8 * layout.size  # a float64 delta
+        codec = update_codec(transforms, layout)  # the server's choice, never the client's
+        return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms], codec=codec).values())
 
     def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
         bodies = {cid: _Body(_round(c), encode_config(c)) for cid, c in instructions.items()}
@@ -299,7 +303,7 @@ class RemotePool(ClientPool):
 
     # ----- internals
     def _dispatch(self, kind: int, state: State | None, bodies: dict[str, "_Body"], result_limit: int,
-                  transforms: list[str] | None, deadline: float | None = None) -> dict[str, Any]:
+                  transforms: list[str] | None, deadline: float | None = None, codec: Any = None) -> dict[str, Any]:
         """Send one task per client and wait for all results or the deadline; results keep `bodies`' order."""
         start = time.monotonic()
         deadline = deadline or self.round_deadline
@@ -320,7 +324,7 @@ class RemotePool(ClientPool):
                                                           f"{MAX_HEADER_BODY} bytes a task header may carry")
                 else:
                     task = Task(os.urandom(NONCE_BYTES), cid, body.round, kind, body.config, body.message, payload,
-                                digest, deadline, result_limit, session)
+                                digest, deadline, result_limit, session, codec)
                     self._pending[task.nonce] = task
                     tasks[cid] = task
                     session.put(task)
@@ -374,7 +378,7 @@ class RemotePool(ClientPool):
                 return EvalResult(cid, int(count), metrics)
             if task.kind == pb.EXCHANGE:
                 return decode_message(payload)
-            update = decode_update(payload)
+            update = decode_update(payload, codec=task.codec)
         except SerializationError as exc:
             return Failure(cid, "rejected", f"update rejected: {exc}")
         if update.client_id != cid or update.round != task.round:
