@@ -3,7 +3,8 @@
 One loop for every client pool. Follow one update: `ClientPool.fit` returns it, `update_problem` checks it,
 the strategy's `accept_partial` decides on stragglers, transforms' `server` halves see it, the anomaly checks
 screen it (`anomaly.py`), `Strategy.aggregate` combines it, transforms' `finalize` halves adjust the aggregate,
-and `Strategy.apply` makes the new model.
+and `Strategy.apply` makes the new model. The store commits the round with its evidence: each accepted
+update's hash for the audit log and, with `contributions`, each client's contribution scores.
 
 Dispatch and aggregation go through the round's `RoundProtocol` (`protocol.py`): by default one fit exchange
 and `Strategy.aggregate`; secure aggregation runs its stages there as generic messages (`ClientPool.exchange`).
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..audit.record import update_digest
+from ..contributions.accounting import ContributionAccounting
 from ..params import Layout
 from ..strategies.base import Strategy
 from ..transforms.base import StopRun, Transform
@@ -24,7 +27,7 @@ from .anomaly import AnomalyChecks
 from .pool import ClientPool
 from .protocol import RoundProtocol
 from .sampling import ClientSampler, client_seed
-from .store import RoundRecord, RunStore
+from .store import RoundEvidence, RoundRecord, RunStore
 from .validate import update_problem
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class Server:
         max_failed_rounds: int = 3,
         anomaly_checks: AnomalyChecks | None = None,
         protocol: RoundProtocol | None = None,
+        contributions: ContributionAccounting | None = None,
     ) -> None:
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
@@ -81,7 +85,7 @@ class Server:
         self.min_clients, self.transforms = min_clients, list(transforms)
         self.central_eval, self.eval_clients = central_eval, eval_clients
         self.store, self.seed, self.max_failed_rounds = store, seed, max_failed_rounds
-        self.anomaly_checks = anomaly_checks
+        self.anomaly_checks, self.contributions = anomaly_checks, contributions
         self.protocol = protocol or RoundProtocol()
         self.protocol.check(strategy)
         self.stop_reason = ""
@@ -154,7 +158,11 @@ class Server:
         for f in failures:
             log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
         note = ""
+        evidence = RoundEvidence()
         if len(updates) >= self.min_clients:
+            evidence.update_hashes = {u.client_id: update_digest(u) for u in updates}
+            if self.contributions is not None:
+                evidence.contributions = self.contributions.score(self.layout, self.params, updates, rnd)
             self.strategy.begin_round(rnd, self.params)
             delta = self.protocol.aggregate(self.pool, self.strategy, updates, rnd)
             for transform in self.transforms:
@@ -173,9 +181,12 @@ class Server:
             metrics.update(transform.report(rnd))
         if note:
             metrics["round_failed"] = 1.0
+        if evidence.contributions:
+            metrics["contribution_evaluations"] = float(self.contributions.last_evaluations)
         record = RoundRecord(rnd, metrics, [u.client_id for u in updates], failures, note)
         if self.store is not None:
-            self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures)
+            self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures,
+                                    evidence)
         self.round = rnd
         self.history.rounds.append(record)
         return record
