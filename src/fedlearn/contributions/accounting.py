@@ -5,8 +5,9 @@ metric of that model. The round loop calls `score` after aggregation; the run st
 each client's cumulative ledger in the round's transaction.
 
 Methods: "gtg" (GTG-Shapley), "loo" (leave-one-out), "exact" (exact Shapley, 2^n evaluations, refused
-above `max_exact` clients), and "cosine": the cosine of a client's update to the round's aggregate, a
-free-to-compute novelty/alignment signal (FedCE-style) that needs no validation data.
+above `max_exact` clients), and "cosine": the cosine of a client's update to the weighted mean of the
+other accepted updates, a free-to-compute alignment signal (FedCE-style) that needs no validation data;
+a zero or random update scores about 0, an update against the others below 0.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class ContributionAccounting:
     methods: Sequence[str] = ("gtg", "cosine")
     metric: str = "accuracy"
     truncation: float = 1e-3
-    tolerance: float = 0.02
+    tolerance: float = 0.03
     max_exact: int = 12
     seed: int = 0
     last_evaluations: int = 0
@@ -68,7 +69,7 @@ class ContributionAccounting:
                     raise ValueError(f"exact Shapley over {n} clients needs 2^{n} evaluations; use gtg, or raise max_exact")
                 scores[method] = exact_shapley(n, utility)
             else:
-                scores[method] = cosine_to_aggregate(deltas, weights)
+                scores[method] = cosine_to_others(deltas, weights)
         self.last_evaluations = utility.evaluations
         return {u.client_id: {m: float(s[k]) for m, s in scores.items()} for k, u in enumerate(updates)}
 
@@ -79,8 +80,11 @@ class ContributionAccounting:
         return float(metrics[self.metric])
 
 
-def cosine_to_aggregate(deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Cosine of each update to the weighted mean update (0 for a zero update or a zero mean)."""
-    mean = np.average(deltas, axis=0, weights=weights)
-    norms = np.linalg.norm(deltas, axis=1) * np.linalg.norm(mean)
-    return np.where(norms > 0, deltas @ mean / np.where(norms > 0, norms, 1.0), 0.0)
+def cosine_to_others(deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Cosine of each update to the weighted mean of the other updates (0 where either is zero, and for a
+    lone update, which has no others)."""
+    total = weights @ deltas
+    others = (total[None, :] - weights[:, None] * deltas) / np.maximum(weights.sum() - weights, 1e-300)[:, None]
+    norms = np.linalg.norm(deltas, axis=1) * np.linalg.norm(others, axis=1)
+    dots = np.einsum("ij,ij->i", deltas, others)
+    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)

@@ -6,8 +6,9 @@ GTG-Shapley (Liu et al., "GTG-Shapley: Efficient and Accurate Participant Contri
 Federated Learning", ACM TIST 2022) samples permutations, each guided to start with a different player, and
 saves evaluations three ways: a round whose full coalition barely beats the empty one scores zero for all
 (between-round truncation); a permutation stops evaluating once its prefix is within `truncation` of the
-full coalition (the rest add ~0, within-round truncation); and sampling stops once a full cycle of n
-permutations moves the running estimate by less than `tolerance` (relative), or at `max_permutations`.
+full coalition (the rest add ~0, within-round truncation); and sampling stops once the estimate has
+converged (standard error of every player's value within `tolerance` of the round's gain, checked after
+each cycle in which every player led a permutation) or at `max_permutations`.
 """
 from __future__ import annotations
 
@@ -51,30 +52,37 @@ def leave_one_out(n: int, utility: Utility) -> np.ndarray:
     return np.array([utility(full) - utility(full - {i}) for i in range(n)])
 
 
-def gtg_shapley(n: int, utility: Utility, *, truncation: float = 1e-3, tolerance: float = 0.02,
+def gtg_shapley(n: int, utility: Utility, *, truncation: float = 1e-3, tolerance: float = 0.03,
                 max_permutations: int | None = None, seed: int = 0) -> np.ndarray:
-    """GTG-Shapley estimate of the Shapley values (see the module docstring for the three savings)."""
+    """GTG-Shapley estimate of the Shapley values (see the module docstring for the three savings).
+
+    Sampling stops after a full cycle of permutations once every player's standard error of the mean
+    marginal contribution is at most `tolerance` times the round's total gain |v(N) - v(empty)|."""
     full, empty = frozenset(range(n)), frozenset()
     v_full, v_empty = utility(full), utility(empty)
     if n == 0 or abs(v_full - v_empty) <= truncation:
         return np.zeros(n)
     max_permutations = max_permutations or max(50, 10 * n)
     rng = np.random.default_rng(seed)
-    phi, last_cycle = np.zeros(n), None
+    phi, spread, order = np.zeros(n), np.zeros(n), []  # running mean and sum of squared deviations (Welford)
     for t in range(max_permutations):
-        lead = t % n
-        rest = [j for j in rng.permutation(n) if j != lead]
+        if t % 2 == 0:
+            lead = (t // 2) % n
+            order = [lead, *(j for j in rng.permutation(n) if j != lead)]
+        else:  # antithetic: the reverse of the last permutation, which cancels much of its sampling error
+            order = order[::-1]
         prefix, previous = empty, v_empty
-        for i in (lead, *rest):
+        for i in order:
             if abs(v_full - previous) <= truncation:
                 gain = 0.0
             else:
                 prefix = prefix | {i}
                 value = utility(prefix)
                 gain, previous = value - previous, value
-            phi[i] += (gain - phi[i]) / (t + 1)
-        if lead == n - 1:  # a full cycle: every player has led one permutation
-            if last_cycle is not None and np.abs(phi - last_cycle).sum() <= tolerance * max(np.abs(phi).sum(), 1e-12):
-                break
-            last_cycle = phi.copy()
+            step = gain - phi[i]
+            phi[i] += step / (t + 1)
+            spread[i] += step * (gain - phi[i])
+        done = t + 1
+        if done % (2 * n) == 0 and np.sqrt(spread / (done * (done - 1))).max() <= tolerance * abs(v_full - v_empty):
+            break
     return phi
