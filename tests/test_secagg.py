@@ -15,6 +15,7 @@ from fedlearn.secagg import keys, prg, shamir
 from fedlearn.secagg.graph import neighbours
 from fedlearn.secagg.protocol import ADVERTISE, MASKED, SHARE, UNMASK
 from fedlearn.server import ClientSampler, Server
+from fedlearn.server.protocol import RoundAborted
 from fedlearn.strategies import make_strategy
 from vector_clients import VectorClient, known_delta, zero_state
 
@@ -153,13 +154,16 @@ def test_sparse_graph_recovers_from_dropouts():
     assert np.abs(protocol.last_sum - plain_sum(included)).max() <= n * SecAggConfig().quantizer(n).step
 
 
-def test_fewer_than_threshold_survivors_abort_and_leave_the_model_unchanged():
+def test_fewer_than_threshold_survivors_abort_the_round_not_the_run():
     n = 12  # threshold 7 of 12
     server, _ = secagg_server(n, SecAggConfig(graph="full"), failing={MASKED: {str(i) for i in range(6)}})
     before = server.params.copy()
-    with pytest.raises(SecAggAbort, match="fewer than the secure-aggregation threshold 7.*unchanged"):
-        server.run(1)
-    assert np.array_equal(server.params, before) and server.round == 0
+    [record] = server.run(1).rounds
+    assert issubclass(SecAggAbort, RoundAborted)
+    assert np.array_equal(server.params, before) and server.round == 1
+    assert record.metrics["round_failed"] == 1.0 and record.participants == []
+    assert "aborted by the secagg protocol" in record.note
+    assert "only 6 clients completed secagg/masked, fewer than the secure-aggregation threshold 7" in record.note
 
 
 def test_a_stalled_client_cannot_hang_the_round():

@@ -39,10 +39,19 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 
 def fedlearn_process(args: list[str], log: Path) -> subprocess.Popen:
     """`fedlearn ARGS` as a separate process, output to `log`."""
+    return python_process(["-m", "fedlearn.cli", *args], log)
+
+
+def hostile_process(args: list[str], log: Path) -> subprocess.Popen:
+    """`hostile_client.py ARGS` (a registered client that misbehaves) as a separate process, output to `log`."""
+    return python_process([str(TESTS / "hostile_client.py"), *args], log)
+
+
+def python_process(args: list[str], log: Path) -> subprocess.Popen:
+    """`python ARGS` with fedlearn and the test helpers importable, output to `log`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "OMP_NUM_THREADS": "1"}
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "fedlearn.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=TESTS)
+        return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=TESTS)
 
 
 def mark_and_wait(cid: str, rnd: int, marker_dir: str, delay: float, slow_rounds: str) -> None:

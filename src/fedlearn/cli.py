@@ -30,6 +30,8 @@ _SIM_FLAGS: list[tuple[str, str, type, str]] = [
     ("--fraction", "fraction", float, "sample this fraction of clients per round instead of a count"),
     ("--min-clients", "min_clients", int, "fewest usable updates for a round to count (default 1)"),
     ("--eval-clients", "eval_clients", int, "clients sampled for federated evaluation per round (default 10)"),
+    ("--max-examples", "max_examples", int, "cap on the example count a client may claim, its weight in the mean "
+                                            "(default 100000)"),
     ("--strategy", "strategy", str, "strategy name, see README (default fedavg)"),
     ("--local-epochs", "local_epochs", int, "local epochs per round (default 5)"),
     ("--batch-size", "batch_size", int, "local batch size (default 5)"),
@@ -78,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--config", type=Path, help="TOML file with settings (see README)")
     sim.add_argument("--run-dir", type=Path, help="where to write the run (default runs/<time>)")
-    sim.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last committed round")
+    sim.add_argument("--resume", type=Path, metavar="DIR",
+                     help="continue the run in DIR from its last committed round, with its stored settings; "
+                          "--rounds may raise the number of rounds, any other setting is refused")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.add_argument("--threads", type=int, default=1,
                      help="torch threads per process (default 1: faster for small models, see README)")
@@ -146,6 +150,16 @@ def _simulation_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {**values, **flags}
 
 
+def _resumed_settings(args: argparse.Namespace) -> SimulationConfig:
+    """The stored configuration of the run in `args.resume`, with the settings given on the command line on
+    top (the run store then refuses any change but a higher `rounds`, naming it)."""
+    from .server.store import stored_config
+
+    if args.run_dir is not None and args.run_dir != args.resume:
+        raise ConfigError(f"--resume {args.resume} continues the run in that directory; drop --run-dir {args.run_dir}")
+    return SimulationConfig.from_dict({**stored_config(args.resume), **_simulation_settings(args)})
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     import torch
 
@@ -156,7 +170,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.resume:
         run_dir, resume = args.resume, True
-        config = None
+        config = _resumed_settings(args)
     else:
         config = SimulationConfig.from_dict(_simulation_settings(args))
         run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -6,7 +6,7 @@ TOML layout (every key optional)::
     rounds = 30
     [data]      dataset, partition, alpha, shards_per_client, sigma, num_clients, synthetic_alpha, synthetic_beta
     [model]     name
-    [sampling]  clients_per_round | fraction, min_clients, eval_clients
+    [sampling]  clients_per_round | fraction, min_clients, eval_clients, max_examples
     [strategy]  name, then the strategy's own parameters (server_lr, mu, ...)
     [client]    local_epochs, batch_size, lr, momentum
     [faults]    crash_rate, drop_rate, straggler_rate
@@ -60,6 +60,7 @@ class SimulationConfig:
     fraction: float | None = None
     min_clients: int = 1
     eval_clients: int = 10
+    max_examples: int = 100_000  # cap on the example count (FedAvg weight) a client may claim
     # strategy
     strategy: str = "fedavg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +108,8 @@ class SimulationConfig:
         _check(self.fraction is None or 0 < self.fraction <= 1, "fraction must be in (0, 1]")
         _check(self.min_clients >= 1, "min_clients must be >= 1")
         _check(self.eval_clients >= 0, "eval_clients must be >= 0")
+        _check(isinstance(self.max_examples, int) and 1 <= self.max_examples <= 2**53,
+               "max_examples must be an integer in [1, 2**53]")
         _check(isinstance(self.strategy_params, dict), "strategy parameters must be a table of name = value")
         _check(self.local_epochs >= 1, "local_epochs must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")

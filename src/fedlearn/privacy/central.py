@@ -2,7 +2,9 @@
 
 Client half: clip the update to L2 norm C (C comes from the server each round, so adaptive clipping works
 over any pool). Server half: refuse any update above C (a client that skipped clipping would void the
-guarantee; off under secure aggregation, where updates are masked) and weight every client equally.
+guarantee; off under secure aggregation, where updates are masked), refuse an unclipped indicator other
+than 0 or 1 with adaptive clipping (so one client moves the clip norm no more than the protocol allows), and
+weight every client equally.
 Finalize half: add Gaussian noise of std z*C to the sum and divide by the expected cohort size (the
 fixed-denominator estimator), account the round, and stop the run before a round that would exceed the
 epsilon budget.
@@ -118,9 +120,14 @@ class CentralDP(Transform):
         kept, refused = [], []
         for u in updates:
             norm = float(np.linalg.norm(u.delta))
+            unclipped = u.metrics.get(UNCLIPPED_KEY)
             if self.verify_clipping and norm > self.clip * (1 + 1e-9):
                 refused.append(Failure(u.client_id, "rejected", f"update norm {norm:.4g} exceeds the DP clip norm "
                                        f"{self.clip:.4g}: the client did not clip"))
+            elif self.adaptive is not None and unclipped not in (0.0, 1.0):
+                # the count of unclipped updates drives the clip norm: each client adds at most 1 (Andrew et al.)
+                refused.append(Failure(u.client_id, "rejected", f"metric {UNCLIPPED_KEY!r} must be 0 or 1 (whether "
+                                       f"the update was within the clip norm), got {unclipped!r}"))
             else:
                 kept.append(dataclasses.replace(u, num_examples=1))
         return kept, refused

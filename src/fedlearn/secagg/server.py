@@ -4,7 +4,10 @@
 `collect` runs advertise -> share -> masked (training happens inside the masked stage) and returns each
 survivor's masked vector as its `Update`, so the round loop's checks (sender, round, shape) still apply.
 `aggregate` runs consistency -> unmask on the updates the loop accepted, removes the masks and returns
-the mean. Too few survivors at any stage raise `SecAggAbort`; the round loop then leaves the model as it was.
+the mean. Every reply is checked (tensors present, of the right type and size; counts and metrics in range)
+before use, and a bad one is that client's failure. Too few survivors at any stage, or shares that do not
+recover a valid key, raise `SecAggAbort`; the round loop then records the round as failed with the reason,
+leaves the model as it was, and goes on with the next round.
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..messages import Message, as_bytes
+from ..params import Layout
 from ..server.pool import ClientPool
-from ..server.protocol import RoundProtocol
-from ..server.round_loop import RoundFailedError
+from ..server.protocol import RoundAborted, RoundProtocol
+from ..server.validate import count_problem, describe, metrics_problem
 from ..strategies.base import Strategy
 from ..strategies.fedavg import weighted_mean
 from ..transforms.base import Transform
@@ -32,7 +36,10 @@ from .quantize import Quantizer
 log = logging.getLogger(__name__)
 
 
-class SecAggAbort(RoundFailedError):
+SIGNATURE_BYTES = 64  # Ed25519
+
+
+class SecAggAbort(RoundAborted):
     """Secure aggregation could not finish safely; nothing was revealed beyond what the protocol allows and
     the global model is unchanged."""
 
@@ -112,6 +119,11 @@ class SecAggProtocol(RoundProtocol):
         replies = self._stage(pool, ADVERTISE, {c: Message(ADVERTISE, meta=self._plan_meta(plans[c], c)) for c in cohort},
                               failures)
         for cid, reply in replies.items():
+            problem = _bytes_problem(reply, {"c_pk": keys.KEY_BYTES, "s_pk": keys.KEY_BYTES,
+                                             "signature": SIGNATURE_BYTES})
+            if problem is not None:
+                failures.append(Failure(cid, "rejected", f"{ADVERTISE}: {problem}"))
+                continue
             c_pk, s_pk = as_bytes(reply.tensors["c_pk"]), as_bytes(reply.tensors["s_pk"])
             if self._signed(cid, reply, keys.advertisement(rnd, cid, c_pk, s_pk), failures):
                 rs.adverts[cid] = (c_pk, s_pk)
@@ -141,15 +153,16 @@ class SecAggProtocol(RoundProtocol):
         answers = self._stage(pool, MASKED, requests, failures, state=state, transforms=transforms,
                               deadline=self.config.train_deadline)
         updates: list[Update | Failure] = []
+        size = Layout.of(state).size
         for cid, reply in answers.items():
-            y = reply.tensors.get("masked")
-            if not isinstance(y, np.ndarray) or y.dtype != np.uint32 or y.ndim != 1:
-                failures.append(Failure(cid, "rejected", "masked update must be a 1-D uint32 vector"))
+            problem = _masked_problem(reply, size, rnd)
+            if problem is not None:
+                failures.append(Failure(cid, "rejected", f"{MASKED}: {problem}"))
                 continue
+            y, meta = reply.tensors["masked"], reply.meta
             rs.masked[cid] = y
-            meta = reply.meta
-            updates.append(Update(cid, int(meta.get("round", -1)), y.astype(np.float64), int(meta.get("num_examples", 0)),
-                                  dict(meta.get("metrics", {})), bool(meta.get("partial", False))))
+            updates.append(Update(cid, rnd, y.astype(np.float64), meta["num_examples"], dict(meta.get("metrics", {})),
+                                  meta.get("partial", False)))
         return updates + failures
 
     def aggregate(self, pool: ClientPool, strategy: Strategy, updates: list[Update], rnd: int) -> np.ndarray:
@@ -183,7 +196,7 @@ class SecAggProtocol(RoundProtocol):
     def _unmask(self, rs: _Round, survivors: list[str], revealed: Mapping[str, Message]) -> np.ndarray:
         """Sum of the survivors' quantised updates: their masked vectors minus self masks and the pairwise
         masks they share with clients that dropped after sharing keys."""
-        dim = next(iter(rs.masked.values())).size
+        dim = rs.masked[survivors[0]].size
         total = np.zeros(dim, dtype=np.uint32)
         for cid in survivors:
             total += rs.masked[cid]
@@ -210,9 +223,15 @@ class SecAggProtocol(RoundProtocol):
             raise SecAggAbort(f"round {rs.rnd}: only {len(shares)} shares of the {what} of {owner} came back, fewer "
                               f"than the threshold {rs.threshold}; the sum cannot be unmasked. The global model is unchanged.")
         try:
-            return shamir.combine(shares, rs.threshold)
+            secret = shamir.combine(shares, rs.threshold)
         except shamir.ShamirError as exc:
-            raise SecAggAbort(f"round {rs.rnd}: shares of {owner} are corrupt ({exc}); the global model is unchanged.") from None
+            secret, problem = b"", str(exc)
+        else:
+            problem = f"they recover {len(secret)} bytes, not a {keys.KEY_BYTES}-byte key"
+        if len(secret) != keys.KEY_BYTES:  # both secrets, mask key and self-mask seed, are 32 bytes
+            raise SecAggAbort(f"round {rs.rnd}: shares of {owner} are corrupt ({problem}); the global model is "
+                              "unchanged.")
+        return secret
 
     def _stage(
         self, pool: ClientPool, stage: str, requests: dict[str, Message], failures: list[Failure], *,
@@ -246,6 +265,29 @@ class SecAggProtocol(RoundProtocol):
         except (keys.SecAggKeyError, KeyError) as exc:
             failures.append(Failure(cid, "rejected", f"bad signature: {exc}"))
             return False
+
+
+def _bytes_problem(reply: Message, lengths: Mapping[str, int]) -> str | None:
+    """Why `reply` lacks one of the byte strings named in `lengths` (as 1-D uint8 tensors of those sizes)."""
+    for name, length in lengths.items():
+        value = reply.tensors.get(name)
+        if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.shape != (length,):
+            got = "nothing" if value is None else f"{value.dtype} {value.shape}"
+            return f"{name!r} must be {length} bytes (a 1-D uint8 tensor), got {got}"
+    return None
+
+
+def _masked_problem(reply: Message, size: int, rnd: int) -> str | None:
+    """Why a masked-stage reply cannot stand for its client's update this round, or None."""
+    y, meta = reply.tensors.get("masked"), reply.meta
+    if not isinstance(y, np.ndarray) or y.dtype != np.uint32 or y.shape != (size,):
+        got = "nothing" if y is None else f"{y.dtype} {y.shape}"
+        return f"masked update must be a uint32 vector of shape ({size},), got {got}"
+    if meta.get("round") != rnd or isinstance(meta.get("round"), bool):
+        return f"reply is for round {describe(meta.get('round'))}, this is round {rnd}"
+    if not isinstance(meta.get("partial", False), bool):
+        return f"partial must be true or false, got {describe(meta.get('partial'))}"
+    return count_problem(meta.get("num_examples")) or metrics_problem(meta.get("metrics", {}))
 
 
 def _require(rs: _Round, count: int, stage: str) -> None:

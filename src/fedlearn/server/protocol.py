@@ -17,6 +17,11 @@ from ..types import Config, Failure, State, Update
 from .pool import ClientPool
 
 
+class RoundAborted(RuntimeError):
+    """A round protocol could not finish safely (secure aggregation with too few survivors or corrupt
+    shares). The round loop records the round as failed with this reason and keeps the model; the run goes on."""
+
+
 class RoundProtocol:
     """The plain round."""
 
@@ -36,5 +41,5 @@ class RoundProtocol:
         return pool.fit(state, instructions, transforms)
 
     def aggregate(self, pool: ClientPool, strategy: Strategy, updates: list[Update], rnd: int) -> np.ndarray:
-        """Combine the accepted updates into the round's delta."""
+        """Combine the accepted updates into the round's delta; raise `RoundAborted` if that cannot be done safely."""
         return strategy.aggregate(updates)

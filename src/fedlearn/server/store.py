@@ -1,7 +1,10 @@
 """The run store: one SQLite database per run directory. Each completed round is one transaction holding
-the global model, the strategy's state, metrics, participants and failures, the round's audit record and
-signed tree head (`fedlearn.audit`), and its contribution scores, so a restarted server resumes from the
-last committed round and nothing half-written is ever read back."""
+the global model, the strategy's state, metrics, participants, failures and (for a failed round) the reason,
+the round's audit record and signed tree head (`fedlearn.audit`), and its contribution scores, so a
+restarted server resumes from the last committed round and nothing half-written is ever read back.
+
+A run directory belongs to one configuration, stored with the first round (`bind_config`): starting another
+configuration in it is refused with the settings that differ, and resuming may raise only `rounds`."""
 from __future__ import annotations
 
 import json
@@ -31,7 +34,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     metrics TEXT NOT NULL,
     participants TEXT NOT NULL,
     failures TEXT NOT NULL,
-    committed_at REAL NOT NULL
+    committed_at REAL NOT NULL,
+    note TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS contributions (
     round INTEGER NOT NULL, client_id TEXT NOT NULL, method TEXT NOT NULL, score REAL NOT NULL,
@@ -64,6 +68,18 @@ class RoundEvidence:
     contributions: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+class RunDirConflict(ValueError):
+    """A run directory holds a run of another configuration; the message names the settings that differ."""
+
+
+def config_changes(stored: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(setting, stored value, new value) for every setting that differs; nested tables as dotted names."""
+    if isinstance(stored, dict) and isinstance(new, dict):
+        return [change for key in sorted(set(stored) | set(new), key=str)
+                for change in config_changes(stored.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if stored == new else [(prefix.rstrip("."), stored, new)]
+
+
 class RunStore:
     """SQLite-backed record of a run. Round 0 holds the initial model. One thread at a time may use it, not
     necessarily the one that opened it (a deployment server opens it, then runs its rounds in another).
@@ -87,6 +103,10 @@ class RunStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(rounds)")}
+        if "note" not in columns:  # a store written before failed rounds kept their reason
+            with self._conn:
+                self._conn.execute("ALTER TABLE rounds ADD COLUMN note TEXT NOT NULL DEFAULT ''")
         if self.get_meta("run_id") is None:
             self.set_meta("run_id", uuid.uuid4().hex)
         key = load_or_create_key(Path(audit_key) if audit_key else self.run_dir / KEY_FILE)
@@ -112,6 +132,32 @@ class RunStore:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
+    def bind_config(self, config: dict[str, Any], *, resume: bool = False) -> None:
+        """Claim this run directory for `config`, or check it is the configuration already stored here.
+
+        Any difference is refused with `RunDirConflict` naming it, except a higher `rounds` when `resume`
+        (continuing the stored run for more rounds), which is then stored."""
+        config = json.loads(json.dumps(config))  # as it reads back: tuples become lists
+        stored = self.get_meta("config")
+        if stored is None:
+            self.set_meta("config", config)
+            return
+        changes = config_changes(stored, config)
+        others = [c for c in changes if c[0] != "rounds"]
+        if others or (changes and not resume):
+            listed = ", ".join(f"{name} (stored {_show(old)}, given {_show(new)})" for name, old, new in changes[:8])
+            how = ("resume a run, change nothing but rounds" if resume else
+                   f"run this configuration, use a new run directory; to continue the stored run, --resume "
+                   f"{self.run_dir} (which may raise only rounds)")
+            raise RunDirConflict(f"run directory {self.run_dir} belongs to another configuration; it differs in "
+                                 f"{listed}. To {how}.")
+        if changes:
+            done = self.last_round() or 0
+            if not isinstance(config.get("rounds"), int) or config["rounds"] < done:
+                raise RunDirConflict(f"cannot resume {self.run_dir} with rounds = {config.get('rounds')!r}: "
+                                     f"{done} rounds are already committed")
+            self.set_meta("config", config)
+
     def commit_round(
         self,
         rnd: int,
@@ -120,9 +166,11 @@ class RunStore:
         metrics: dict[str, float],
         participants: list[str],
         failures: list[Failure],
+        note: str = "",
         evidence: RoundEvidence | None = None,
     ) -> None:
-        """Write one completed round atomically, with its audit record, signed tree head and contributions."""
+        """Write one completed round atomically, with its audit record, signed tree head and contributions;
+        `note` says why a failed round left the model unchanged."""
         evidence = evidence or RoundEvidence()
         model = encode_state(state)
         row = (
@@ -133,11 +181,13 @@ class RunStore:
             json.dumps(participants),
             json.dumps([[f.client_id, f.kind, f.reason] for f in failures]),
             time.time(),
+            note,
         )
         epsilon = metrics.get("dp_epsilon")
         try:
             with self._conn:
-                self._conn.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+                self._conn.execute("INSERT OR REPLACE INTO rounds (round, model, strategy_state, metrics, participants, "
+                                   "failures, committed_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
                 last = self._conn.execute("SELECT record FROM audit_leaves ORDER BY idx DESC LIMIT 1").fetchone()
                 self.audit.append(rnd, round_record(
                     log_id=self.audit.log_id, rnd=rnd, model_before=json.loads(last[0])["model_after"] if last else None,
@@ -169,6 +219,11 @@ class RunStore:
             raise KeyError(f"round {rnd} is not in the run store {self.path}")
         return decode_state(row[0]), dict(decode_tensors(row[1])[0])
 
+    def committed(self) -> list[tuple[int, bytes, list[str]]]:
+        """(round, encoded model, participants) of every committed round, round 0 included, in order."""
+        return [(r, bytes(m), json.loads(p)) for r, m, p in
+                self._conn.execute("SELECT round, model, participants FROM rounds ORDER BY round")]
+
     def contribution_ledger(self) -> dict[str, dict[str, tuple[float, int]]]:
         """Cumulative contributions: client -> method -> (sum of round scores, rounds scored)."""
         ledger: dict[str, dict[str, tuple[float, int]]] = {}
@@ -189,12 +244,30 @@ class RunStore:
     def history(self) -> list[RoundRecord]:
         """Every committed round after round 0, in order."""
         rows = self._conn.execute(
-            "SELECT round, metrics, participants, failures FROM rounds WHERE round > 0 ORDER BY round"
+            "SELECT round, metrics, participants, failures, note FROM rounds WHERE round > 0 ORDER BY round"
         ).fetchall()
         return [
-            RoundRecord(r, json.loads(m), json.loads(p), [Failure(*f) for f in json.loads(fl)])
-            for r, m, p, fl in rows
+            RoundRecord(r, json.loads(m), json.loads(p), [Failure(*f) for f in json.loads(fl)], note)
+            for r, m, p, fl, note in rows
         ]
+
+
+def stored_config(run_dir: str | Path) -> dict[str, Any]:
+    """The configuration of the run stored in `run_dir` (to resume it); `ValueError` if there is none."""
+    if not (Path(run_dir) / DB_NAME).exists():
+        raise ValueError(f"cannot resume: {run_dir} holds no run store ({DB_NAME})")
+    store = RunStore(run_dir)
+    try:
+        config = store.get_meta("config")
+    finally:
+        store.close()
+    if config is None:
+        raise ValueError(f"cannot resume: {run_dir} stores no configuration; start it again with its settings")
+    return config
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else repr(value)
 
 
 def _version() -> str:
