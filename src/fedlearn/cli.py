@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from . import run_commands
 from .config import DATASETS, PARTITIONS, ConfigError, SimulationConfig, load_toml
 from .transport import commands as deployment
 from .server.anomaly import flag_counts
@@ -106,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
             sim.add_argument(flag, dest=f"privacy_{key}", type=kind, default=None, help=help_text)
     sim.add_argument("--mu", type=float, help="shortcut for -p mu=VALUE (FedProx proximal strength)")
     sim.add_argument("--server-lr", type=float, help="shortcut for -p server_lr=VALUE")
+    sim.add_argument("--contributions", metavar="METHODS",
+                     help="score each client's contribution every round: comma-separated gtg, loo, exact, cosine")
     deployment.add_parsers(sub, _SIM_FLAGS)
+    run_commands.add_parsers(sub)
     return parser
 
 
@@ -138,6 +142,9 @@ def _simulation_settings(args: argparse.Namespace) -> dict[str, Any]:
                if getattr(args, f"privacy_{key}") is not None}
     if privacy:
         flags["privacy"] = {**values.get("privacy", {}), **privacy}
+    if args.contributions:
+        flags["contributions"] = {**values.get("contributions", {}),
+                                  "methods": [m.strip() for m in args.contributions.split(",") if m.strip()]}
     if "fraction" in flags and "clients_per_round" not in flags:
         values["clients_per_round"] = None
     if "clients_per_round" in flags and "fraction" not in flags:
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"simulate": cmd_simulate, **deployment.COMMANDS}[args.command](args)
+        return {"simulate": cmd_simulate, **deployment.COMMANDS, **run_commands.COMMANDS}[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"fedlearn: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import torch
 
 from .client import Client
 from .config import ConfigError, SimulationConfig
+from .contributions import ContributionAccounting
 from .data import FederatedDataset, federate, load_breast_cancer, load_digits, load_femnist_npz, load_leaf_json, make_synthetic
 from .messages import Handler
 from .report import plot, write_csv
@@ -144,7 +145,25 @@ def simulate(
         faults=FaultInjector(cfg.crash_rate, cfg.drop_rate, cfg.straggler_rate, seed=cfg.seed),
         seed=cfg.seed, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume, show_progress=show_progress,
         backend=cfg.backend, ray_address=cfg.ray_address or None,
+        contributions=contribution_accounting(cfg, task, privacy.protocol is not None or bool(privacy.transforms)),
     )
+
+
+def contribution_accounting(cfg: SimulationConfig, task: "BuiltinTask", private: bool) -> ContributionAccounting | None:
+    """The configured contribution accounting on the task's held-out data, or None when it is off. Refused with
+    secure aggregation (no individual updates to score) and DP (scores of raw updates would leak)."""
+    if not cfg.contributions:
+        return None
+    if private:
+        raise ConfigError("contribution accounting scores individual updates, which secure aggregation hides and "
+                          "differential privacy must not publish; turn off [contributions] or [privacy]")
+    from .torch.train import central_evaluator
+
+    x, y = task.data.test
+    try:
+        return ContributionAccounting(central_evaluator(task.model_fn, x, y), seed=cfg.seed, **cfg.contributions)
+    except TypeError as exc:
+        raise ConfigError(f"bad [contributions] setting: {exc}") from None
 
 
 def run_simulation(
@@ -175,6 +194,7 @@ def run_simulation(
     show_progress: bool = False,
     backend: str = "sequential",
     ray_address: str | None = None,
+    contributions: ContributionAccounting | None = None,
 ) -> SimulationResult:
     """Simulate federated training of any clients. The initial model is `initial_state`, or `model_fn()`
     built under `torch.manual_seed(seed)`. Samples all clients each round unless a count or fraction is given.
@@ -186,7 +206,8 @@ def run_simulation(
     `max_examples` caps the example count (aggregation weight) any client may claim.
     A multi-stage `protocol` (secure aggregation) needs its client-side `handlers`; `sampler` replaces the
     count / fraction sampler (e.g. Poisson sampling for DP). `backend` picks where clients train
-    (sequential, vectorized, process, ray; see `fedlearn.simulation.backends`), `ray_address` a Ray cluster."""
+    (sequential, vectorized, process, ray; see `fedlearn.simulation.backends`), `ray_address` a Ray cluster.
+    `contributions` scores each round's accepted updates into the run store's contribution ledger."""
     if initial_state is None:
         if model_fn is None:
             raise ValueError("give model_fn or initial_state for the initial global model")
@@ -201,6 +222,7 @@ def run_simulation(
         pool, strategy or make_strategy("fedavg"), initial_state, sampler=sampler, min_clients=min_clients,
         max_failed_rounds=max_failed_rounds, anomaly_checks=anomaly_checks, protocol=protocol, max_examples=max_examples,
         transforms=transforms, central_eval=central_eval, eval_clients=eval_clients, seed=seed,
+        contributions=contributions,
     )
     store = None
     start = time.perf_counter()
