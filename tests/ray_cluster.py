@@ -13,20 +13,15 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from transport_support import free_port
+
 RAY = Path(sys.executable).with_name("ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalRayCluster:
@@ -40,9 +35,9 @@ class LocalRayCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     "RAY_ADDRESS": self.address, "RAY_USAGE_STATS_ENABLED": "0",
-                    # notice a dead node within about two seconds, not thirty
-                    "RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
-                    "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "3"}
+                    # declare a silent node dead after about five seconds, not thirty
+                    "RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "1000",
+                    "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "5"}
         self.nodes: list[subprocess.Popen] = []
 
     def start_head(self, num_cpus: int) -> None:

@@ -120,6 +120,13 @@ class SimulationConfig:
             _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1]")
         _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         _check(not self.ray_address or self.backend == "ray", "ray_address needs backend 'ray'")
+        if self.ray_address:
+            from .simulation.ray_pool import check_ray_address
+
+            try:
+                check_ray_address(self.ray_address)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
