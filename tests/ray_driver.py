@@ -77,6 +77,7 @@ def main(out: Path, kill_pgid: int | None) -> dict:
         server.run(2)
         report["state_bytes"] = len(encode_state(server.state))
         report["round_bytes"] = list(pool.round_bytes)
+        report["placement_round_2"] = dict(pool.placement)
         report["worker_nodes"] = sorted(pool._live.values())
         report["data_nodes"] = sorted(ray.experimental.get_object_locations([pool._local_ref])[pool._local_ref]["node_ids"])
         reference = _server(InProcessPool(client_fn, data.client_ids))

@@ -88,7 +88,7 @@ def test_both_nodes_train_data_travels_once_per_node_and_a_killed_node_costs_one
     assert report["workers"] == 3 and sorted(report["worker_nodes"]).count(head) == 1
     for rnd in (1, 2):
         assert len(set(trained(rnd).values())) == 2 and len(trained(rnd)) == 8
-    assert report["equal_to_sequential"]
+    assert report["equal_to_sequential"] and report["placement_round_2"] == trained(2)
     # the client data sits once on each node with a worker (two copies for three workers), and a round hands
     # Ray the encoded state once plus the instructions, nothing in proportion to the data
     assert sorted(report["data_nodes"]) == sorted(set(report["worker_nodes"]))
@@ -104,4 +104,4 @@ def test_both_nodes_train_data_travels_once_per_node_and_a_killed_node_costs_one
     assert len(rounds[2]["participants"]) + len(rounds[2]["failures"]) == 8
     # round 4: the whole cohort on the head's worker
     assert len(rounds[3]["participants"]) == 8 and not rounds[3]["failures"]
-    assert set(trained(4).values()) == {head} and report["finite"]
+    assert set(trained(4).values()) == {head} and report["placement_last_round"] == trained(4) and report["finite"]
