@@ -63,12 +63,18 @@ def test_readme_cluster_command_with_token_auth_gives_the_sequential_model(clust
         np.testing.assert_array_equal(remote[name], value)
 
 
-def test_a_node_without_the_token_is_refused(cluster):
-    env = {**cluster.env, "RAY_AUTH_TOKEN": "0" * 64}  # right mode, wrong token
+def test_a_node_or_driver_without_the_token_is_refused(cluster, tmp_path):
+    # right mode, wrong token; two tries at the head instead of twenty, each refused the same way
+    env = {**cluster.env, "RAY_AUTH_TOKEN": "0" * 64, "RAY_gcs_server_port_wait_time_s": "2"}
     join = subprocess.run([str(RAY), "start", f"--address={cluster.address}", "--num-cpus=1",
                            f"--temp-dir={cluster.root}/intruder", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
                           env=env, capture_output=True, text=True, timeout=180)
     assert join.returncode != 0 and "InvalidAuthToken" in join.stdout + join.stderr
+    drive = subprocess.run([sys.executable, "-m", "fedlearn.cli", "simulate", "--backend", "ray", "--ray-address",
+                            "auto", "--rounds", "1", "--run-dir", str(tmp_path / "run")],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert drive.returncode != 0 and "run with RAY_AUTH_MODE=token and the cluster's token" in drive.stderr
+    assert not (tmp_path / "run" / FINAL_MODEL).exists()
 
 
 def test_both_nodes_train_data_travels_once_per_node_and_a_killed_node_costs_one_round_of_its_clients(

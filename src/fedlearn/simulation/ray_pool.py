@@ -32,9 +32,8 @@ log = logging.getLogger(__name__)
 _HOST = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
 _FORMS = re.compile(rf"(?:ray://)?{_HOST}:(\d{{1,5}})|ray://{_HOST}")
 _AUTH_HELP = (
-    "this Ray cluster uses token authentication: run with RAY_AUTH_MODE=token and the cluster's token in "
-    "~/.ray/auth_token, in the file named by RAY_AUTH_TOKEN_PATH, or in RAY_AUTH_TOKEN (see the README, "
-    "'Speed and scale')"
+    "run with RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token, in the file named by "
+    "RAY_AUTH_TOKEN_PATH, or in RAY_AUTH_TOKEN (README, 'Speed and scale')"
 )
 
 
@@ -197,11 +196,11 @@ def _connect(ray, address: str | None, num_cpus: int | None) -> None:
         ray.init(address=address or None, num_cpus=None if address else num_cpus,
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
     except auth_error as exc:
-        raise RuntimeError(f"{_AUTH_HELP}; Ray said: {exc}") from None
+        raise RuntimeError(f"the Ray cluster refused this driver's token: {_AUTH_HELP}; Ray said: {exc}") from None
     except ConnectionError as exc:
         raise ConnectionError(f"could not join the Ray cluster at {address!r} ({exc}): check the address and that "
-                              f"the head is up (`ray status` there); if the cluster uses token authentication, "
-                              f"{_AUTH_HELP}") from None
+                              f"the head is up (`ray status` there); if it uses token authentication, {_AUTH_HELP}"
+                              ) from None
 
 
 def _object_size(ray, ref) -> int:
