@@ -43,8 +43,8 @@ _SIM_FLAGS: list[tuple[str, str, type, str]] = [
     ("--seed", "seed", int, "seed for data split, sampling, faults and initialisation (default 0)"),
     ("--backend", "backend", str, "where clients train: sequential (default), vectorized (a cohort at once), "
                                   "process (every core), ray"),
-    ("--ray-address", "ray_address", str, "with --backend ray: the cluster to join (auto, ray://HEAD:10001); "
-                                          "default: start Ray on this machine"),
+    ("--ray-address", "ray_address", str, "with --backend ray: the cluster to join: auto (started on this machine), "
+                                          "HEAD:6379 or ray://HEAD:10001; default: start Ray on this machine"),
     ("--aggregator", "aggregator", str, "robust aggregator replacing the strategy's mean: median, trimmed_mean, krum, "
                                         "multi_krum, bulyan, centered_clipping, norm_bounding, fltrust"),
     ("--attack", "attack", str, "simulated attack: label_flip, sign_flip, noise, alie, ipm, backdoor (default none)"),

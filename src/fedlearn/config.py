@@ -127,6 +127,13 @@ class SimulationConfig:
         _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         _check(not self.ray_address or self.backend == "ray", "ray_address needs backend 'ray'")
         _check(isinstance(self.contributions, dict), "contribution settings must be a table of name = value")
+        if self.ray_address:
+            from .simulation.ray_pool import check_ray_address
+
+            try:
+                check_ray_address(self.ray_address)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
