@@ -83,9 +83,7 @@ class PersonalTorchClient(TorchClient):
     def full_model(self, global_state: State, before: int | None) -> torch.nn.Module:
         """The client's module holding the global (shared) entries and, for fedper / fedrep, its own head as
         saved before round `before` (any round when None; the initial head when it has none yet)."""
-        if self._model is None:
-            self._model = self.model_fn()
-        load_state(self._model, global_state, partial=bool(self.local))
+        self.model(global_state)
         if self.local:
             load_state(self._model, self.store.load(self.cid, before) or self._initial_local(), partial=True)
         return self._model

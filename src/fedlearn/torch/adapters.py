@@ -33,3 +33,8 @@ def load_state(model: torch.nn.Module, state: State, *, partial: bool = False) -
             if tuple(value.shape) != tuple(tensor.shape):
                 raise ValueError(f"parameter {name!r}: state has shape {value.shape}, model expects {tuple(tensor.shape)}")
             tensor.copy_(torch.from_numpy(value))
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that train (`requires_grad`): what an adapter-only model federates."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]

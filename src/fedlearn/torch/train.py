@@ -202,7 +202,7 @@ def central_evaluator(
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
 
     def evaluate(state: State) -> Metrics:
-        load_state(model, state)
+        load_state(model, state, partial=True)  # an adapter-only global state leaves the frozen rest as built
         return evaluate_model(model, xt, yt, loss_fn=loss_fn)
 
     return evaluate
