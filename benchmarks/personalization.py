@@ -64,7 +64,7 @@ def task(name: str, max_clients: int) -> tuple[FederatedDataset, type, dict]:
     """The data, model factory and local-training settings of a task."""
     if name == "femnist":
         data = load_femnist_npz(SHARED / "femnist" / "femnist_leaf_subset.npz")
-        return data, lambda: FemnistCNN(data.num_classes), {"batch_size": 16, "lr": 0.05}
+        return data, lambda: FemnistCNN(data.num_classes), {"batch_size": 16, "lr": 0.1}
     data = load_shakespeare(SHARED / "tinyshakespeare" / "input.txt", max_clients=max_clients)
     return data, lambda: CharModel(data.num_classes), {"batch_size": 32, "lr": 0.5}
 
