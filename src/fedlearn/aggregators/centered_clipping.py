@@ -20,6 +20,7 @@ class CenteredClipping:
     """
 
     name = "centered_clipping"
+    streams = False  # needs every update of the round at once: the round loop keeps the stack
     min_updates = 1
 
     def __init__(self, tau: float | None = None, iters: int = 3) -> None:

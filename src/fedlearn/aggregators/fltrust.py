@@ -24,6 +24,7 @@ class FLTrust:
     """
 
     name = "fltrust"
+    streams = False  # needs every update of the round at once: the round loop keeps the stack
     min_updates = 1
 
     def __init__(self, root_update: RootUpdate) -> None:

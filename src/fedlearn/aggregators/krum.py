@@ -30,6 +30,7 @@ class Krum:
     """
 
     name = "krum"
+    streams = False  # needs every update of the round at once: the round loop keeps the stack
 
     def __init__(self, f: int = 1, m: int | None = 1) -> None:
         self.f = check_f(f)
@@ -56,6 +57,7 @@ class Bulyan:
     """
 
     name = "bulyan"
+    streams = False  # needs every update of the round at once: the round loop keeps the stack
 
     def __init__(self, f: int = 1) -> None:
         self.f = check_f(f)

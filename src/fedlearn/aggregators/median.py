@@ -15,6 +15,7 @@ class CoordinateMedian:
     """
 
     name = "median"
+    streams = False  # needs every update of the round at once: the round loop keeps the stack
     min_updates = 1
 
     def __call__(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:

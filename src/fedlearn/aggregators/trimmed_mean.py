@@ -16,6 +16,7 @@ class TrimmedMean:
     """
 
     name = "trimmed_mean"
+    streams = False  # needs every update of the round at once: the round loop keeps the stack
     min_updates = 1
 
     def __init__(self, beta: float = 0.1) -> None:

@@ -46,6 +46,7 @@ class Compression(Transform):
 
     norm_preserving = False
     why_not = ""
+    per_update = True
 
     def wire_codec(self, size: int) -> Any:
         """The codec that carries this transform's output for a model of `size` parameters."""

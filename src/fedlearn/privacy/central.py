@@ -62,6 +62,7 @@ class CentralDP(Transform):
     for that worst case."""
 
     name = "central_dp"
+    per_update = True
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ class LocalDP(Transform):
     latest epsilon; `report` gives the largest."""
 
     name = "local_dp"
+    per_update = True
 
     def __init__(self, clip: float, noise_multiplier: float, delta: float, rng: np.random.Generator | None = None) -> None:
         if not (math.isfinite(clip) and clip > 0) or noise_multiplier <= 0:

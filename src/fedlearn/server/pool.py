@@ -3,7 +3,7 @@ multi-process, Ray, remote over gRPC)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from ..messages import Message
 from ..transforms.base import Transform
@@ -27,6 +27,14 @@ class ClientPool(ABC):
         self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
     ) -> list[Update | Failure]:
         """Run `fit` on each client in `instructions` (client id -> config) from the global `state`."""
+
+    def fit_iter(
+        self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
+    ) -> Iterator[Update | Failure]:
+        """`fit`, one result at a time as each is ready, so a streaming round can fold each update into a running
+        aggregate and drop it. By default everything `fit` returns at once; pools that train clients one after
+        another yield each as it finishes."""
+        yield from self.fit(state, instructions, transforms)
 
     @abstractmethod
     def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:

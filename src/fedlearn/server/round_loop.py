@@ -11,6 +11,15 @@ Dispatch and aggregation go through the round's `RoundProtocol` (`protocol.py`):
 and `Strategy.aggregate`; secure aggregation runs its stages there as generic messages (`ClientPool.exchange`).
 A protocol that cannot finish safely raises `RoundAborted`: the round is recorded as failed with the reason,
 the model is unchanged, and the run goes on.
+
+Streaming: when the aggregate is a sum (`Strategy.running_aggregate`: the weighted mean of FedAvg, FedProx,
+FedOpt, alone or with per-update transforms such as central DP), the plain protocol runs and nothing needs
+the whole round at once, each update is screened, transformed and folded into the running aggregate as the
+pool yields it, then dropped: server memory is O(d), not O(n d). Anything that needs every update at once
+keeps the stack: a robust aggregator, a strategy with its own `aggregate`, a multi-stage protocol (secure
+aggregation holds every masked vector), a transform whose server half looks across updates (simulated
+attacks), the anomaly checks (on by default in config-built runs) and contribution scores.
+`Server.stacking_reason` says which, or None when the run streams.
 """
 from __future__ import annotations
 
@@ -105,6 +114,26 @@ class Server:
             self.attach(store)
 
     @property
+    def stacking_reason(self) -> str | None:
+        """Why this run keeps every update of a round in memory (an `(n, d)` stack), or None when it folds each
+        update into a running aggregate as it arrives (O(d) server memory)."""
+        if self.strategy.running_aggregate() is None:
+            aggregator = self.strategy.aggregator
+            name = getattr(aggregator, "name", None) or getattr(aggregator, "__name__", type(aggregator).__qualname__)
+            return f"strategy {self.strategy.name} with aggregator {name} needs every update at once"
+        if type(self.protocol).collect is not RoundProtocol.collect or \
+                type(self.protocol).aggregate is not RoundProtocol.aggregate:
+            return f"the {self.protocol.name} protocol combines the round's updates itself"
+        if self.anomaly_checks is not None:
+            return "the anomaly checks compare every update with the round's others"
+        if self.contributions is not None:
+            return "contribution scores evaluate subsets of the round's updates"
+        crowd = [t.name for t in self.transforms if not t.per_update]
+        if crowd:
+            return f"transforms {', '.join(crowd)} look at the round's updates together (not per_update)"
+        return None
+
+    @property
     def state(self) -> State:
         """The current global model."""
         return self.layout.unflatten(self.params)
@@ -182,23 +211,29 @@ class Server:
         failures: list[Failure] = []
         note = ""
         evidence = RoundEvidence()
+        running = self.strategy.running_aggregate() if self.stacking_reason is None else None
         try:
-            results = self.protocol.collect(self.pool, state, instructions, self.transforms)
-            updates, failures = self._screen(results, instructions, rnd)
-            for transform in self.transforms:
-                updates, refused = transform.server(updates, rnd)
-                failures += refused
-            if self.anomaly_checks is not None:
-                updates, flagged = self.anomaly_checks.screen(updates, self.layout.size)
-                failures += flagged
+            if running is not None:
+                updates, failures, hashes = self._fold(state, instructions, rnd, running)
+            else:
+                results = self.protocol.collect(self.pool, state, instructions, self.transforms)
+                updates, failures = self._screen(results, instructions, rnd)
+                for transform in self.transforms:
+                    updates, refused = transform.server(updates, rnd)
+                    failures += refused
+                if self.anomaly_checks is not None:
+                    updates, flagged = self.anomaly_checks.screen(updates, self.layout.size)
+                    failures += flagged
             for f in failures:
                 log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
             if len(updates) >= self.min_clients:
-                evidence.update_hashes = {u.client_id: update_digest(u) for u in updates}
+                evidence.update_hashes = hashes if running is not None else {u.client_id: update_digest(u)
+                                                                             for u in updates}
                 if self.contributions is not None:
                     evidence.contributions = self.contributions.score(self.layout, self.params, updates, rnd)
                 self.strategy.begin_round(rnd, self.params)
-                delta = self.protocol.aggregate(self.pool, self.strategy, updates, rnd)
+                delta = running.result() if running is not None else \
+                    self.protocol.aggregate(self.pool, self.strategy, updates, rnd)
                 for transform in self.transforms:
                     delta = transform.finalize(delta, updates, rnd)
                 # The global model is the state in its own dtypes: round the float64 step to them, so the model
@@ -233,25 +268,53 @@ class Server:
         cap each example weight at `max_examples`."""
         updates: list[Update] = []
         failures: list[Failure] = []
-        answered = set()
+        answered: set[str] = set()
         for result in results:
-            if isinstance(result, Failure):
-                failures.append(result)
-                answered.add(result.client_id)
+            screened = self._screen_one(result, instructions, rnd, answered)
+            (failures if isinstance(screened, Failure) else updates).append(screened)
+        return updates, failures + _timeouts(instructions, answered)
+
+    def _fold(self, state: State, instructions: dict, rnd: int,
+              running: Any) -> tuple[list[Update], list[Failure], dict[str, str]]:
+        """The streaming round: screen each result as the pool yields it, run the (per-update) server halves of
+        the transforms, hash it for the audit log and fold it into `running`; keep only the accepted updates'
+        count, weight and metrics (their deltas become empty arrays). Failures come in the stacked path's order."""
+        updates: list[Update] = []
+        failures: list[Failure] = []
+        refused: list[Failure] = []
+        hashes: dict[str, str] = {}
+        answered: set[str] = set()
+        for result in self.pool.fit_iter(state, instructions, self.transforms):
+            screened = self._screen_one(result, instructions, rnd, answered)
+            if isinstance(screened, Failure):
+                failures.append(screened)
                 continue
-            problem = self._update_problem(result, instructions, rnd)
-            if problem is None and result.client_id in answered:
-                problem = "sent more than one update this round"
+            kept = [screened]
+            for transform in self.transforms:
+                kept, out = transform.server(kept, rnd)
+                refused += out
+            for update in kept:
+                hashes[update.client_id] = update_digest(update)
+                running.add(update.delta, update.num_examples)
+                updates.append(dataclasses.replace(update, delta=np.empty(0), extras={}))
+        return updates, failures + _timeouts(instructions, answered) + refused, hashes
+
+    def _screen_one(self, result: Update | Failure, instructions: dict, rnd: int,
+                    answered: set[str]) -> Update | Failure:
+        """One pool result as a usable (capped) update or a failure with the reason; `answered` collects the
+        clients heard from, so a second update from the same client is refused."""
+        if isinstance(result, Failure):
             answered.add(result.client_id)
-            if problem is not None:
-                failures.append(Failure(result.client_id, "rejected", f"update rejected: {problem}"))
-            elif result.partial and not self.strategy.accept_partial:
-                failures.append(Failure(result.client_id, "straggler",
-                                        f"partial work dropped by {self.strategy.name}"))
-            else:
-                updates.append(self._capped(result))
-        failures += [Failure(c, "timeout", "no result before the round ended") for c in instructions if c not in answered]
-        return updates, failures
+            return result
+        problem = self._update_problem(result, instructions, rnd)
+        if problem is None and result.client_id in answered:
+            problem = "sent more than one update this round"
+        answered.add(result.client_id)
+        if problem is not None:
+            return Failure(result.client_id, "rejected", f"update rejected: {problem}")
+        if result.partial and not self.strategy.accept_partial:
+            return Failure(result.client_id, "straggler", f"partial work dropped by {self.strategy.name}")
+        return self._capped(result)
 
     def _update_problem(self, update: Update, instructions: dict, rnd: int) -> str | None:
         """Why `update` is unusable, or None; a check that fails on a hostile value costs only its sender."""
@@ -303,6 +366,11 @@ class Server:
         weights = np.array([r.num_examples for r in results], dtype=np.float64)
         keys = set.intersection(*(set(r.metrics) for r in results)) - {"num_examples"}
         return {f"fed_{k}": float(np.average([r.metrics[k] for r in results], weights=weights)) for k in sorted(keys)}
+
+
+def _timeouts(instructions: dict, answered: set[str]) -> list[Failure]:
+    """A timeout failure for each sampled client that sent nothing."""
+    return [Failure(c, "timeout", "no result before the round ended") for c in instructions if c not in answered]
 
 
 def _scalars(obj: object) -> dict[str, Any]:

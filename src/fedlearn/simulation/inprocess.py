@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from ..client import Client, run_fit
 from ..messages import ClientSession, Handler, Message
@@ -45,8 +45,20 @@ class InProcessPool(ClientPool):
     def fit(
         self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
     ) -> list[Update | Failure]:
-        return [self._guarded(cid, lambda c: self._fit_one(c, state, config, transforms))
-                for cid, config in instructions.items()]
+        return list(self._fit_each(state, instructions, transforms))
+
+    def fit_iter(
+        self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
+    ) -> Iterator[Update | Failure]:
+        if type(self).fit is not InProcessPool.fit:  # a subclass trains the cohort its own way (all at once)
+            return super().fit_iter(state, instructions, transforms)
+        return self._fit_each(state, instructions, transforms)
+
+    def _fit_each(
+        self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform]
+    ) -> Iterator[Update | Failure]:
+        for cid, config in instructions.items():
+            yield self._guarded(cid, lambda c, config=config: self._fit_one(c, state, config, transforms))
 
     def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
         def task(cid: str) -> EvalResult:

@@ -2,7 +2,10 @@
 (aggregator), and how the combined update moves the global model (server optimizer).
 
 Updates arrive as a stacked `(n_clients, d)` float64 array with per-client weights, so an aggregator is a
-few vectorised numpy lines. Strategies that keep state across rounds (server momentum, control variates)
+few vectorised numpy lines. An aggregator that is a sum (the weighted mean) says so with `streams = True` and
+a `start()` that returns a running aggregate (`add(delta, weight)`, `result()`): the round loop then folds
+each accepted update into it as it arrives and server memory stays O(d) instead of O(n d). Aggregators that
+need every update at once (median, Krum, ...) set `streams = False` and get the stack. Strategies that keep state across rounds (server momentum, control variates)
 expose it through `state_dict` so the run store can save it with each round and resume exactly.
 """
 from __future__ import annotations
@@ -18,6 +21,14 @@ class Aggregator(Protocol):
     """Combine stacked client deltas `(n, d)` with example weights `(n,)` into one `(d,)` delta."""
 
     def __call__(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray: ...
+
+
+class RunningAggregate(Protocol):
+    """A streaming aggregator's state for one round: fold updates in with `add`, read the delta with `result`."""
+
+    def add(self, delta: np.ndarray, weight: float) -> None: ...
+
+    def result(self) -> np.ndarray: ...
 
 
 class ServerOptimizer(Protocol):
@@ -78,6 +89,13 @@ class Strategy:
         deltas = np.stack([u.delta for u in updates])
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
         return self.aggregator(deltas, weights)
+
+    def running_aggregate(self) -> RunningAggregate | None:
+        """A fresh running aggregate when this strategy's rule is a sum the server can fold update by update
+        (its aggregator streams and `aggregate` is the default), or None when it needs every update at once."""
+        if type(self).aggregate is not Strategy.aggregate or not getattr(self.aggregator, "streams", False):
+            return None
+        return self.aggregator.start()
 
     def apply(self, params: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """New flat global model."""

@@ -29,6 +29,10 @@ class Transform:
     """
 
     name = "transform"
+    # True when `server` judges each update on its own and `finalize` reads no update's `delta` (only its count,
+    # weight and metrics): the round loop may then stream, folding each update into a running aggregate as it
+    # arrives and handing `finalize` the accepted updates with their deltas already folded (empty arrays).
+    per_update = False
 
     def client(self, update: Update, config: Config) -> Update:
         return update
