@@ -9,6 +9,19 @@ process's maximum resident set (getrusage).
 
     PYTHONPATH=src python benchmarks/scale.py
     PYTHONPATH=src python benchmarks/scale.py --clients 1000 10000 --cohorts 100 --rounds 2
+
+`--aggregation` prints the server's peak memory during one round of a 100M-parameter model (`--params`) at
+10, 50 and 200 clients per round (`--per-round`): the weighted mean folds each update into a running mean as
+it arrives (flat), the coordinate median keeps every update of the round (growing with the cohort). Clients
+are cheap fakes (each update a constant vector made on demand in this process), so what grows is the
+server's own holding. Each row is a fresh process; "traced" is the peak of tracemalloc (numpy reports its
+buffers to it) during the round above what was allocated before it (the model), "RSS" the process's peak
+resident set. A median row whose estimate (3 n d 8 bytes: the updates, their stack, the median's sorted copy)
+exceeds `--max-gib`
+is not run and says so.
+
+    PYTHONPATH=src python benchmarks/scale.py --aggregation
+    PYTHONPATH=src python benchmarks/scale.py --aggregation --params 1000000
 """
 from __future__ import annotations
 
@@ -58,6 +71,55 @@ def child(num_clients: int, cohort: int, engine: str, rounds: int) -> dict:
             "accuracy": history.last["test_accuracy"]}
 
 
+def aggregation_child(params: int, per_round: int, aggregator: str) -> dict:
+    """Peak memory of one round of `per_round` fake clients with `params` parameters under `aggregator`."""
+    import tracemalloc
+    from collections import OrderedDict
+
+    import numpy as np
+
+    from fedlearn import Client, InProcessPool, Update
+    from fedlearn.aggregators import make_aggregator
+    from fedlearn.server import ClientSampler, Server
+    from fedlearn.strategies.base import Strategy
+    from fedlearn.strategies.fedavg import ServerSGD
+
+    class FakeClient(Client):
+        def fit(self, state, config):  # noqa: ANN001, ANN202 - a cheap stand-in for local training
+            return Update(self.cid, int(config["round"]), np.full(params, 1e-3 * (1 + int(self.cid))), 10, {})
+
+    pool = InProcessPool(FakeClient, [str(k) for k in range(per_round)])
+    server = Server(pool, Strategy(make_aggregator(aggregator), ServerSGD()), OrderedDict(w=np.zeros(params)),
+                    sampler=ClientSampler(count=per_round, seed=0))
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    start = time.perf_counter()
+    server.run_round(1)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"traced_mib": (peak - before) / 2**20, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "seconds": seconds, "mode": "stacked" if server.stacking_reason else "streaming"}
+
+
+def aggregation_table(args: argparse.Namespace, env: dict) -> None:
+    model_mib = args.params * 8 / 2**20
+    print(f"server memory for one round, {args.params:,} parameters (one float64 update = {model_mib:,.0f} MiB)")
+    print(f"{'aggregator':<12}{'clients':>8}  {'mode':<10}{'traced MiB':>12}{'peak RSS MiB':>14}{'s/round':>9}")
+    for aggregator in ("mean", "median"):
+        for n in args.per_round:
+            estimate = 3 * n * args.params * 8 / 2**30  # the updates, their stack, the median's sorted copy
+            if aggregator == "median" and estimate > args.max_gib:
+                print(f"{aggregator:<12}{n:>8}  {'stacked':<10}  not run: needs about {estimate:,.0f} GiB "
+                      f"(> --max-gib {args.max_gib:g})", flush=True)
+                continue
+            out = subprocess.run([sys.executable, __file__, "--aggregation-child", str(args.params), str(n),
+                                  aggregator], capture_output=True, text=True, env=env, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{aggregator:<12}{n:>8}  {r['mode']:<10}{r['traced_mib']:>12,.0f}{r['peak_rss_mib']:>14,.0f}"
+                  f"{r['seconds']:>9.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, nargs="*", default=[1000, 10_000, 100_000])
@@ -65,13 +127,26 @@ def main() -> None:
     parser.add_argument("--engines", nargs="*", default=["sequential", "vectorized"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", nargs=3, metavar=("CLIENTS", "COHORT", "ENGINE"), help=argparse.SUPPRESS)
+    parser.add_argument("--aggregation", action="store_true", help="server memory of streaming vs stacked rounds")
+    parser.add_argument("--params", type=int, default=100_000_000)
+    parser.add_argument("--per-round", type=int, nargs="*", default=[10, 50, 200])
+    parser.add_argument("--max-gib", type=float, default=6.0, help="skip median rows estimated above this")
+    parser.add_argument("--aggregation-child", nargs=3, metavar=("PARAMS", "CLIENTS", "AGGREGATOR"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.aggregation_child:
+        params, n, aggregator = args.aggregation_child
+        print(json.dumps(aggregation_child(int(params), int(n), aggregator)))
+        return
     if args.child:
         n, cohort, engine = args.child
         print(json.dumps(child(int(n), int(cohort), engine, args.rounds)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    if args.aggregation:
+        aggregation_table(args, env)
+        return
     print(f"{'clients':>8}{'cohort':>8}  {'engine':<12}{'peak RSS MiB':>13}{'s/round':>9}{'accuracy':>10}")
     for n in args.clients:
         for cohort in args.cohorts:
