@@ -129,7 +129,10 @@ def run_contender(python: str, contender: str, workload: Path, log: Path) -> dic
 
 
 def has_flower(python: str) -> bool:
-    return subprocess.run([python, "-c", "import flwr, flwr.simulation, ray"], capture_output=True).returncode == 0
+    try:
+        return subprocess.run([python, "-c", "import flwr, flwr.simulation, ray"], capture_output=True).returncode == 0
+    except OSError:  # no such interpreter
+        return False
 
 
 def table(title: str, rounds: int, rows: dict[str, dict]) -> str:
@@ -163,7 +166,16 @@ def main() -> None:
     if not flower:
         print(f"Flower: not importable by {args.flower_python}; its row is skipped "
               "(pip install 'flwr[simulation]', or --flower-python PATH)")
-    contenders = [*args.engines, "plain", *(["flower"] if flower else [])]
+    from fedlearn.simulation.backends import backend_unavailable
+
+    engines = []
+    for engine in args.engines:
+        reason = backend_unavailable(engine.removeprefix("fedlearn-"))
+        if reason:
+            print(f"{engine}: skipped, {reason}")
+        else:
+            engines.append(engine)
+    contenders = [*engines, "plain", *(["flower"] if flower else [])]
     sizes = [105] if args.task == "femnist" else args.clients
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:

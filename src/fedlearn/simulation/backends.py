@@ -1,6 +1,7 @@
 """Pick a client pool by name: where and how simulated clients train."""
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 
 from ..config import BACKENDS
@@ -8,6 +9,18 @@ from ..messages import Handler
 from ..server.pool import ClientPool
 from .faults import FaultInjector
 from .inprocess import ClientFn, InProcessPool
+
+# backend -> (module it imports, the fedlearn extra that installs it)
+_EXTRAS = {"ray": ("ray", "ray")}
+
+
+def backend_unavailable(backend: str) -> str | None:
+    """Why `backend` cannot run here (its optional dependency is not installed, with the command that adds it),
+    or None when it can; lets benchmarks and tools skip such a backend instead of failing on import."""
+    module, extra = _EXTRAS.get(backend, (None, None))
+    if module is not None and importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (pip install 'fedlearn[{extra}]')"
+    return None
 
 
 def make_pool(
