@@ -7,14 +7,14 @@ import weakref
 import numpy as np
 import pytest
 
-from fedlearn import Client, FedAvg, InProcessPool, Update
+from fedlearn import Client, FedAvg, InProcessPool, Transform, Update
 from fedlearn.aggregators import NormBounding, make_aggregator
 from fedlearn.privacy import CentralDP, SampledGaussian
 from fedlearn.server import ClientSampler, Server
 from fedlearn.server.anomaly import AnomalyChecks
 from fedlearn.strategies.base import Strategy
 from fedlearn.strategies.fedavg import RunningWeightedMean, ServerSGD, weighted_mean
-from fedlearn.types import Config, State
+from fedlearn.types import Config, Failure, State
 from vector_clients import VectorClient, known_delta, zero_state
 
 DIM = 50
@@ -119,6 +119,28 @@ def test_streamed_central_dp_ends_where_the_stacked_computation_does():
     assert streamed.stacking_reason is None
     np.testing.assert_allclose(streamed.params, stacked.params, rtol=1e-12, atol=1e-15)
     assert streamed.history.metric("dp_epsilon") == stacked.history.metric("dp_epsilon")
+
+
+class RefuseOdd(Transform):
+    """A per-update server half that refuses clients with odd ids and halves the weight of the others."""
+
+    name = "refuse_odd"
+    per_update = True
+
+    def server(self, updates: list[Update], rnd: int) -> tuple[list[Update], list[Failure]]:
+        kept = [Update(u.client_id, u.round, u.delta, 5 + int(u.client_id), u.metrics) for u in updates
+                if int(u.client_id) % 2 == 0]
+        return kept, [Failure(u.client_id, "rejected", "odd") for u in updates if int(u.client_id) % 2]
+
+
+def test_a_streamed_round_runs_the_server_halves_and_records_failures_as_the_stacked_one():
+    streamed = _run(FedAvg(), transforms=[RefuseOdd()])
+    stacked = _run(Strategy(stacked_mean, ServerSGD()), transforms=[RefuseOdd()])
+    assert streamed.stacking_reason is None
+    np.testing.assert_allclose(streamed.params, stacked.params, rtol=1e-12, atol=1e-15)
+    for a, b in zip(streamed.history.rounds, stacked.history.rounds, strict=True):
+        assert a.failures == b.failures and a.participants == b.participants
+        assert a.failures and all(int(c) % 2 == 0 for c in a.participants)
 
 
 def test_the_audit_hashes_of_a_streamed_round_are_those_of_the_updates():
