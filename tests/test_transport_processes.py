@@ -157,7 +157,8 @@ def test_killed_client_does_not_stall_the_round_and_a_cut_client_rejoins(tmp_pat
         wait_for(lambda: server.server.round >= 2, 30, "round 2 to end without client 1")
         assert time.monotonic() - killed_at < 15  # not the 40 s deadline: the lost connection ends its task
         wait_for(lambda: (marks / "2-round3").exists(), 30, "client 2 to start round 3")
-        assert fedlearn_main(["status", "--server", f"127.0.0.1:{port}", "--ca", str(creds / "ca.pem")]) == 0
+        assert fedlearn_main(["status", "--server", f"127.0.0.1:{port}", "--credentials",
+                              str(creds / "clients" / "0")]) == 0
         proxy.cut()  # client 2 loses its connection mid-round and must come back by itself
         runner.join(60)
         assert _finish([clients[0], clients[2]], 30) == [0, 0]

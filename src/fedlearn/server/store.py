@@ -4,6 +4,7 @@ from the last committed round and nothing half-written is ever read back."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -42,14 +43,25 @@ class RoundRecord:
     note: str = ""
 
 
+def _owner_only(path: Path) -> None:
+    """Create `path` (or keep it) with mode 0600, never through a symlink; SQLite gives its WAL and shared
+    memory files the database's mode, so they are 0600 too."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class RunStore:
     """SQLite-backed record of a run. Round 0 holds the initial model. One thread at a time may use it, not
     necessarily the one that opened it (a deployment server opens it, then runs its rounds in another)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new run directory is its owner's only
         self.path = self.run_dir / DB_NAME
+        _owner_only(self.path)
         self._conn = sqlite3.connect(self.path, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")

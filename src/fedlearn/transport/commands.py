@@ -67,11 +67,19 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
     certs.add_argument("--identity-only", action="store_true",
                        help="on a client's machine: make only its identity key in --out and print the allow-list "
                             "line for the server's operator (needs one --client)")
+    certs.add_argument("--force", action="store_true",
+                       help="replace private key files that are in the way (an existing identity is refused "
+                            "without it)")
 
-    status = sub.add_parser("status", help="show a running server's round, clients and last metrics")
+    status = sub.add_parser("status", help="show a running server's round, clients and last metrics",
+                            description="Needs credentials: a registered client's folder (--credentials), or the "
+                                        "operator token from `fedlearn certs` (--token, with --ca).")
     status.add_argument("--server", required=True, help="server address HOST:PORT")
     status.add_argument("--ca", type=Path, help="CA certificate that signed the server's (default: from --credentials)")
-    status.add_argument("--credentials", type=Path, help="a client folder (for its CA and, with mutual TLS, certificate)")
+    status.add_argument("--credentials", type=Path,
+                        help="a client folder: its identity signs the request (its CA and, with mutual TLS, its "
+                             "certificate are used too)")
+    status.add_argument("--token", type=Path, metavar="FILE", help="the operator token file (certs/operator.token)")
     status.add_argument("--insecure", action="store_true", help="no TLS")
     status.add_argument("--json", action="store_true", help="print JSON")
 
@@ -138,13 +146,14 @@ def cmd_certs(args: argparse.Namespace) -> int:
     if args.identity_only:
         if len(args.client) != 1:
             raise ConfigError("--identity-only needs exactly one --client ID")
-        line = create_identity(args.out, args.client[0])
+        line = create_identity(args.out, args.client[0], force=args.force)
         print(f"identity key written to {args.out / 'identity.key'}; send this line to the server's operator for "
               f"its allow-list:\n{line}", end="")
         return 0
     ids = [str(i) for i in range(args.clients)] if args.clients is not None else args.client
-    folders = create(args.out, ids, args.server_name or DEFAULT_SERVER_NAMES)
-    print(f"credentials in {args.out}: ca.pem, server.pem/server.key, allowlist.txt")
+    folders = create(args.out, ids, args.server_name or DEFAULT_SERVER_NAMES, force=args.force)
+    print(f"credentials in {args.out}: ca.pem, server.pem/server.key, allowlist.txt, "
+          "operator.token (for `fedlearn status --token`)")
     for folder in folders:
         print(f"  client bundle: {folder}")
     print(f"keep {args.out / 'ca.key'} secret; give each client only its own folder")
@@ -157,17 +166,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .certs import ClientBundle
     from .channels import ClientTLS
     from .status import format_status, query_status
+    from .status_auth import client_metadata, token_metadata
 
+    bundle = ClientBundle.load(args.credentials) if args.credentials else None
+    if args.token:
+        credentials = token_metadata(args.token)
+    elif bundle is not None:
+        credentials = client_metadata(bundle.client_id, bundle.identity)
+    else:
+        raise ConfigError("status needs credentials: --credentials CLIENT_FOLDER, or --token certs/operator.token")
     if args.insecure:
         tls = None
-    elif args.credentials:
-        tls = ClientBundle.load(args.credentials).tls
+    elif bundle is not None:
+        tls = bundle.tls
     elif args.ca:
         tls = ClientTLS(args.ca)
     else:
         raise ConfigError("give --ca (or --credentials) to check the server's certificate, or --insecure")
     try:
-        reply = query_status(args.server, tls)
+        reply = query_status(args.server, tls, credentials)
     except grpc.RpcError as exc:
         print(f"fedlearn: error: no status from {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -35,7 +35,7 @@ from .service import Service
 
 log = logging.getLogger(__name__)
 
-_PATHS = ("run_dir", "certificate", "private_key", "client_ca", "allow_list")
+_PATHS = ("run_dir", "certificate", "private_key", "client_ca", "allow_list", "operator_token")
 
 
 @dataclass
@@ -44,6 +44,9 @@ class ServerSettings:
 
     Relative paths are relative to the config file's folder. `client_ca` turns on mutual TLS.
     `wait_for_clients` = 0 waits for as many clients as a round samples (1 when sampling a fraction).
+    `max_connections` authenticated clients are served at once; `max_unauthenticated` connections (at most
+    `max_unauthenticated_per_peer` from one address) may take up to `handshake_timeout` seconds to
+    authenticate. `operator_token` holds the SHA-256 of the token `fedlearn status --token` shows.
     """
 
     address: str = "0.0.0.0:8443"
@@ -57,14 +60,19 @@ class ServerSettings:
     wait_for_clients: int = 0
     wait_timeout: float = 600.0
     max_connections: int = 256
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_peer: int = 8
     handshake_timeout: float = 10.0
+    operator_token: str = "certs/operator.token.sha256"
 
     def __post_init__(self) -> None:
         for name in ("round_deadline", "wait_timeout", "handshake_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"[server] {name} must be > 0, got {getattr(self, name)}")
-        if self.wait_for_clients < 0 or self.max_connections < 1:
-            raise ConfigError("[server] wait_for_clients must be >= 0 and max_connections >= 1")
+        if self.wait_for_clients < 0 or min(self.max_connections, self.max_unauthenticated,
+                                            self.max_unauthenticated_per_peer) < 1:
+            raise ConfigError("[server] wait_for_clients must be >= 0, and max_connections, max_unauthenticated "
+                              "and max_unauthenticated_per_peer >= 1")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], base_dir: Path = Path(".")) -> "ServerSettings":
@@ -137,7 +145,10 @@ class DeploymentServer:
                              min_clients=min_clients,
                              transforms=transforms, central_eval=central_eval, eval_clients=eval_clients,
                              store=self.store, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
-        self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout)
+        self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout,
+                               max_clients=settings.max_connections, max_unauthenticated=settings.max_unauthenticated,
+                               max_unauthenticated_per_peer=settings.max_unauthenticated_per_peer,
+                               operator_token=settings.operator_token or None)
         self.phase = "waiting"
         self._grpc = None
         self._round_started = time.perf_counter()
@@ -145,7 +156,7 @@ class DeploymentServer:
     def start(self) -> int:
         """Listen for clients; returns the port (useful with port 0)."""
         self._grpc, port = start_server([self.service.handler()], self.settings.address, self.settings.tls(),
-                                        self.settings.max_connections)
+                                        self.service.admission.capacity)
         log.info("event=listening address=%s port=%d run=%s tls=%s mutual_tls=%s resumed_at_round=%d",
                  self.settings.address, port, self.run_id, not self.settings.insecure, bool(self.settings.client_ca),
                  self.server.round)
