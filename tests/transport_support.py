@@ -113,10 +113,11 @@ def big_state(megabytes: float) -> "OrderedDict[str, np.ndarray]":
 
 class TcpProxy:
     """Forwards 127.0.0.1:port to a target port; `cut()` drops every open connection (the listener stays),
-    like a network failure between a client and the server."""
+    like a network failure between a client and the server. The server sees the forwarded connections come
+    from `source` (another loopback address stands for another machine)."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target = target_port
+    def __init__(self, target_port: int, source: str = "127.0.0.1") -> None:
+        self.target, self.source = target_port, source
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
@@ -131,7 +132,7 @@ class TcpProxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target))
+                upstream = socket.create_connection(("127.0.0.1", self.target), source_address=(self.source, 0))
             except OSError:
                 client.close()
                 continue
