@@ -16,7 +16,7 @@ import math
 import struct
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -179,11 +179,11 @@ def _check_header(header: Any, max_bytes: int) -> tuple[list[tuple[str, np.dtype
             raise SerializationError(f"tensor {name!r}: dtype {dtype!r} is not allowed")
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise SerializationError(f"tensor {name!r}: invalid shape {str(shape)[:200]} (at most {MAX_DIMS} "
+            raise SerializationError(f"tensor {name!r}: invalid shape {repr(shape)[:200]} (at most {MAX_DIMS} "
                                      "non-negative integer dimensions)")
         count = _element_count(shape, max_bytes // np.dtype(dtype).itemsize)
         if count is None:
-            raise SerializationError(f"tensor {name!r}: shape {str(shape)[:200]} is larger than the limit of "
+            raise SerializationError(f"tensor {name!r}: shape {repr(shape)[:200]} is larger than the limit of "
                                      f"{max_bytes} bytes")
         nbytes = count * np.dtype(dtype).itemsize
         total += nbytes
@@ -208,10 +208,22 @@ def decode_state(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> State:
 
 
 EXTRA_PREFIX = "extra/"  # tensor-name prefix of an update's `extras`
+CODEC_PREFIX = "delta/"  # tensor-name prefix of a delta packed by a codec
 
 
-def encode_update(update: Update) -> bytes:
-    """Serialize a client update (flat delta, extras and bookkeeping)."""
+class DeltaCodec(Protocol):
+    """How a flat delta is packed (see `fedlearn.compression.codecs`); `decode` validates hostile input."""
+
+    name: str
+
+    def encode(self, vector: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def decode(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray: ...
+
+
+def encode_update(update: Update, codec: DeltaCodec | None = None) -> bytes:
+    """Serialize a client update (flat delta, extras and bookkeeping). With a `codec` the delta travels packed
+    by it (the model's dtype, or compressed); without one, as the float64 vector it is."""
     meta = {
         "kind": "update",
         "client_id": update.client_id,
@@ -221,22 +233,36 @@ def encode_update(update: Update) -> bytes:
         "partial": bool(update.partial),
     }
     try:
-        tensors = {"delta": update.delta, **{EXTRA_PREFIX + k: v for k, v in update.extras.items()}}
+        if codec is None:
+            tensors = {"delta": update.delta}
+        else:
+            meta["codec"] = codec.name
+            tensors = {CODEC_PREFIX + k: v for k, v in codec.encode(update.delta).items()}
+        tensors.update({EXTRA_PREFIX + k: v for k, v in update.extras.items()})
         return encode_tensors(tensors, meta)
-    except ValueError as exc:  # NaN metrics are not valid JSON
+    except ValueError as exc:  # NaN metrics are not valid JSON; a delta its codec cannot carry
         raise SerializationError(f"update from {update.client_id!r} cannot be serialized: {exc}") from None
 
 
-def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Update:
-    """Deserialize and type-check a client update."""
+def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, codec: DeltaCodec | None = None) -> Update:
+    """Deserialize and type-check a client update. With a `codec`, the update must have been packed by that
+    very codec (the server's, not one the client names) and is unpacked to a float64 delta."""
     tensors, meta = decode_tensors(data, max_bytes=max_bytes)
     if meta.get("kind") != "update":
         raise SerializationError(f"expected an update, got a message of kind {meta.get('kind')!r}")
-    names = list(tensors)
-    if not names or names[0] != "delta" or not all(n.startswith(EXTRA_PREFIX) for n in names[1:]):
-        raise SerializationError(f"update must hold a tensor 'delta' and optional '{EXTRA_PREFIX}*' ones, got {names}")
-    delta = tensors.pop("delta")
-    extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items()}
+    extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+    rest = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+    if codec is None:
+        if meta.get("codec") is not None or list(rest) != ["delta"]:
+            raise SerializationError(f"update must hold a tensor 'delta' and optional '{EXTRA_PREFIX}*' ones, "
+                                     f"got {list(tensors)}")
+        delta = rest["delta"]
+    else:
+        if meta.get("codec") != codec.name:
+            raise SerializationError(f"update is packed as {meta.get('codec')!r}, this run expects {codec.name!r}")
+        if not all(k.startswith(CODEC_PREFIX) for k in rest):
+            raise SerializationError(f"update carries unexpected tensors {sorted(rest)}")
+        delta = codec.decode({k[len(CODEC_PREFIX):]: v for k, v in rest.items()})
     if delta.ndim != 1:
         raise SerializationError(f"update delta must be 1-D, got shape {delta.shape}")
     for what, value in {"delta": delta, **{f"extra {k!r}": v for k, v in extras.items()}}.items():
