@@ -68,6 +68,7 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
                              description="Write he_secret.ctx (give it to every client, never to the server) and "
                                          "he_public.ctx (the server's [privacy] he_public_key).")
     he_keys.add_argument("--out", type=Path, required=True, help="folder to write the two contexts to")
+    he_keys.add_argument("--force", action="store_true", help="replace an existing he_secret.ctx")
 
     certs = sub.add_parser("certs", help="create a CA, server certificate, client credentials and allow-list",
                            description="Create (or extend) a credentials folder. Run again on the same folder to "
@@ -188,11 +189,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_he_keys(args: argparse.Namespace) -> int:
     from ..he import create_keys
+    from .identity import write_private
 
     secret, public = create_keys()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "he_secret.ctx").write_bytes(secret)
-    (args.out / "he_secret.ctx").chmod(0o600)
+    write_private(args.out / "he_secret.ctx", secret, force=args.force)  # 0600 from the start, never a symlink
     (args.out / "he_public.ctx").write_bytes(public)
     print(f"CKKS key in {args.out}: he_secret.ctx for every client (--he-key; never give it to the server), "
           "he_public.ctx for the server ([privacy] he_public_key)")
