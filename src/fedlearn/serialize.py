@@ -146,12 +146,10 @@ def _no_constant(name: str) -> float:
 
 
 def _element_count(shape: list[int], limit: int) -> int | None:
-    """Elements of `shape`, or None if a dimension or the product of its non-zero dimensions exceeds `limit`
-    (a zero dimension makes the array empty, but numpy still refuses shapes whose other dimensions overflow)."""
+    """Elements of `shape`, or None if the product of its non-zero dimensions exceeds `limit` (a zero dimension
+    makes the array empty, but numpy still refuses shapes whose other dimensions overflow)."""
     count, nonzero = 1, 1
     for size in shape:
-        if size > limit:
-            return None
         if size:
             nonzero *= size
             if nonzero > limit:
