@@ -8,34 +8,16 @@ import time
 
 import grpc
 
-from fedlearn import RunStore
 from fedlearn.cli import main as fedlearn_main
 from fedlearn.transport import certs
 from fedlearn.transport import fedlearn_pb2 as pb
 from fedlearn.transport.certs import ClientBundle
 from fedlearn.transport.channels import open_channel
 from fedlearn.transport.wire import CONNECT_METHOD, PROTOCOL
-from transport_support import TcpProxy, fedlearn_process, free_port, wait_for
+from transport_support import Deployment, TcpProxy, wait_for
 
-SERVER_TOML = """
-seed = 0
-rounds = 3
-[data]
-dataset = "digits"
-num_clients = 2
-[sampling]
-clients_per_round = 2
-eval_clients = 0
-[client]
-local_epochs = 1
-[server]
-address = "127.0.0.1:{port}"
-run_dir = "run"
-certificate = "creds/server.pem"
-private_key = "creds/server.key"
-allow_list = "creds/allowlist.txt"
+SERVER = """
 operator_token = "creds/operator.token.sha256"
-round_deadline = 60
 max_connections = 2
 max_unauthenticated = 12
 max_unauthenticated_per_peer = 4
@@ -93,40 +75,30 @@ def _then_wait(requests, done):
 
 
 def test_registered_clients_join_and_the_run_completes_under_a_flood_of_unauthenticated_streams(tmp_path):
-    creds = tmp_path / "creds"
+    creds = tmp_path / "credentials"  # the server's folder links to it as creds/
     certs.create(creds, ["0", "1"])
-    port = free_port()
-    (tmp_path / "server.toml").write_text(SERVER_TOML.format(port=port))
-    server = fedlearn_process(["server", "--config", str(tmp_path / "server.toml"), "--quiet"], tmp_path / "server.log")
-    floods, clients, proxy = [], [], None
+    run = Deployment(tmp_path, creds, rounds=3, clients=2, server=SERVER)
+    floods, proxy = [], None
     try:
-        wait_for(lambda: "listening on port" in (tmp_path / "server.log").read_text(), 90, "the server to listen")
-        proxy = TcpProxy(port, source="127.0.0.2")  # another machine
+        wait_for(lambda: "listening on port" in run.log("server"), 90, "the server to listen")
+        proxy = TcpProxy(run.port, source="127.0.0.2")  # another machine
         floods = [Flood(creds, proxy.port, 12, send_hello=False), Flood(creds, proxy.port, 4, send_hello=True),
-                  Flood(creds, port, 2, send_hello=False)]  # and two streams at a time from the clients' address
+                  Flood(creds, run.port, 2, send_hello=False)]  # and two streams at a time from the clients' address
         wait_for(lambda: sum(f.opened for f in floods) >= 60, 60, "the flood to start")
-        clients = [fedlearn_process(["client", "--server", f"127.0.0.1:{port}", "--credentials",
-                                     str(creds / "clients" / str(k)), "--client-module",
-                                     "transport_support:make_digits_client", "--client-arg", f"index={k}",
-                                     "--client-arg", "num_clients=2", "--client-arg", "delay=1.0"],
-                                    tmp_path / f"client{k}.log") for k in range(2)]
-        wait_for(lambda: all("event=registered" in (tmp_path / f"client{k}.log").read_text() for k in range(2)),
-                 90, "both clients to join during the flood")
-        assert fedlearn_main(["status", "--server", f"127.0.0.1:{port}", "--ca", str(creds / "ca.pem"),
+        for k in range(2):
+            run.honest(k, "--client-arg", "delay=1.0")
+        wait_for(lambda: all("event=registered" in run.log(f"client{k}") for k in range(2)), 90,
+                 "both clients to join during the flood")
+        assert fedlearn_main(["status", "--server", f"127.0.0.1:{run.port}", "--ca", str(creds / "ca.pem"),
                               "--token", str(creds / "operator.token")]) == 0
-        assert server.wait(120) == 0
-        assert [c.wait(30) for c in clients] == [0, 0]
+        history, _ = run.finish(120)
         during = sum(f.opened for f in floods)
     finally:
         for f in floods:
             f.close()
-        for p in [server, *clients]:
-            p.kill()
+        run.kill()
         if proxy is not None:
             proxy.close()
-    store = RunStore(tmp_path / "run")
-    history = store.history()
-    store.close()
     assert [r.participants for r in history] == [["0", "1"]] * 3
     assert during >= 100  # the flood really ran all along
     codes = {}
@@ -134,5 +106,5 @@ def test_registered_clients_join_and_the_run_completes_under_a_flood_of_unauthen
         for code, n in f.codes.items():
             codes[code] = codes.get(code, 0) + n
     assert set(codes) <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}, codes  # pushed out or timed out
-    log = (tmp_path / "server.log").read_text()
+    log = run.log("server")
     assert "event=unauthenticated_streams_closed" in log and "RESOURCE_EXHAUSTED" not in log
