@@ -212,6 +212,7 @@ def test_client_without_the_servers_client_side_transforms_is_refused_its_task(s
     ("cross-run", "cross-run: result is for run 'run-B'"),
     ("other-client", "claims to be client 'bob'"),
     ("wrong-round", "result is for round 9"),
+    ("train-seconds", "forged: signature does not verify"),
 ])
 def test_forged_cross_run_and_misdirected_results_are_rejected(served, caplog, attack, reason):
     conn = served.connect("alice")
@@ -223,6 +224,8 @@ def test_forged_cross_run_and_misdirected_results_are_rejected(served, caplog, a
     elif attack == "cross-run":
         header.run_id = "run-B"
         conn.sign(header)  # properly signed, but for another run
+    elif attack == "train-seconds":
+        header.train_seconds = 0.001  # a straggler claiming to be quick, after signing
     elif attack == "other-client":
         header.client_id = "bob"
         conn.sign(header)
