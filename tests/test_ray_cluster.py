@@ -83,7 +83,7 @@ def test_both_nodes_train_data_travels_once_per_node_and_a_killed_node_costs_one
     run = subprocess.run([sys.executable, str(HERE / "ray_driver.py"), str(tmp_path), str(second)],
                          env=cluster.env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = json.loads((tmp_path / "report.json").read_text())
     head = report["head"]
 
     def trained(rnd: int) -> dict[str, str]:
@@ -98,6 +98,9 @@ def test_both_nodes_train_data_travels_once_per_node_and_a_killed_node_costs_one
     # the client data sits once on each node with a worker (two copies for three workers), and a round hands
     # Ray the encoded state once plus the instructions, nothing in proportion to the data
     assert sorted(report["data_nodes"]) == sorted(set(report["worker_nodes"]))
+    # ... as the second node's own object store counts it: one copy of the data and two rounds' states
+    second_node = next(node for node in report["created_bytes"] if node != head)
+    assert report["setup_bytes"] <= report["created_bytes"][second_node] < 1.2 * report["setup_bytes"], report
     assert report["setup_bytes"] > report["data_bytes"]
     state = report["state_bytes"]
     assert all(state < b < state + 2000 for b in report["round_bytes"])
