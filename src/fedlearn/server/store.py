@@ -167,6 +167,7 @@ class RunStore:
         participants: list[str],
         failures: list[Failure],
         note: str = "",
+        *,
         meta: dict[str, Any] | None = None,
         evidence: RoundEvidence | None = None,
     ) -> None:
