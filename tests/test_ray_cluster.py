@@ -48,11 +48,13 @@ def test_ray_address_forms_users_have_are_accepted_and_others_refused():
             SimulationConfig(backend="ray", ray_address=bad)
 
 
-def test_readme_cluster_command_with_token_auth_gives_the_sequential_model(cluster, tmp_path):
+@pytest.mark.parametrize("form", ["auto", "ray://"])
+def test_readme_cluster_command_with_token_auth_gives_the_sequential_model(cluster, tmp_path, form):
     settings = {"num_clients": 12, "clients_per_round": 6, "rounds": 2, "local_epochs": 1, "eval_clients": 0}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     # the README's command; `auto` finds this cluster through RAY_ADDRESS, the token comes from RAY_AUTH_TOKEN
-    run = subprocess.run([sys.executable, "-m", "fedlearn.cli", "simulate", "--backend", "ray", "--ray-address", "auto",
+    address = "auto" if form == "auto" else f"ray://127.0.0.1:{cluster.client_port}"
+    run = subprocess.run([sys.executable, "-m", "fedlearn.cli", "simulate", "--backend", "ray", "--ray-address", address,
                           *flags, "--run-dir", str(tmp_path / "run"), "--quiet"],
                          env=cluster.env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
