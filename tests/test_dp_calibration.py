@@ -216,13 +216,13 @@ def test_poisson_epsilon_equals_dp_accounting_called_directly():
 
 
 def test_accountant_edges_and_affordable_rounds():
-    mech = SampledGaussian(1.0, 50, 10, "fixed")
+    mech = SampledGaussian(1.0, 50, 10, "poisson")
     assert mech.epsilon(0, DELTA) == 0.0
     assert SampledGaussian(0.0, 50, 10, "fixed").epsilon(1, DELTA) == math.inf
     budget = (mech.epsilon(4, DELTA) + mech.epsilon(5, DELTA)) / 2
-    assert affordable_rounds(mech, budget, DELTA, 100) == 4
+    assert affordable_rounds(mech, budget, DELTA, 12) == 4
     assert affordable_rounds(mech, budget, DELTA, 3) == 3
-    assert affordable_rounds(mech, mech.epsilon(4, DELTA), DELTA, 100) == 4  # exactly at the budget fits
+    assert affordable_rounds(mech, mech.epsilon(4, DELTA), DELTA, 12) == 4  # exactly at the budget fits
     for bad, message in [(dict(cohort=0), "cohort 0 must be between 1"), (dict(cohort=51), "cohort 51 must be between"),
                          (dict(noise_multiplier=-0.1), "noise multiplier must be >= 0"),
                          (dict(sampling="shuffle"), "sampling must be one of"),
