@@ -119,7 +119,8 @@ def _update_message(tensors=None, **meta):
 
 
 @pytest.mark.parametrize("data, reason", [
-    (b"FLT1" + (2**20 + 1).to_bytes(4, "little") + b"{}", "header length 1048577 does not fit"),
+    (b"FLT1" + (2**20 + 1).to_bytes(4, "little") + b" " * (2**20 + 1), "header length 1048577 does not fit"),
+    (b"FLT1" + (2**20).to_bytes(4, "little") + b" " * (2**20 - 2) + b"{}", "missing tensor list"),  # 1 MiB fits
     (b"FLT1" + (50).to_bytes(4, "little") + b"{}", "header length 50 does not fit"),
     (b"FLT1" + (2).to_bytes(4, "little") + b"[]", "missing tensor list"),
     (b"FLT1" + (2).to_bytes(4, "little") + b"\xff\xfe", "corrupt header"),
