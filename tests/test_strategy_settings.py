@@ -295,3 +295,22 @@ def test_partial_work_is_dropped_by_fedavg_and_used_by_fedprox(strategy, used):
                                                                          "partial work dropped by fedavg")]
     else:
         assert failures == []
+
+
+def test_default_thresholds_against_hand_computed_robust_z_scores():
+    """Nine identical updates (MAD 0, so the scale floors apply) and one odd one out. Log-norm scale floor
+    0.2: norm x4 gives z = ln 4 / 0.2 = 6.9 > 6 (flagged), x3 gives 5.5 (kept). Cosine scale floor 0.1:
+    cosine 0.3 gives z = -7 < -6 (flagged), 0.5 gives -5 (kept)."""
+    u = np.random.default_rng(1).normal(size=D)
+    w = np.random.default_rng(2).normal(size=D)
+    w -= (w @ u) / (u @ u) * u  # orthogonal to u, same norm
+    w *= np.linalg.norm(u) / np.linalg.norm(w)
+
+    def odd_one(v):
+        return _screen([u.copy() for _ in range(9)] + [v])[1]
+
+    assert "c9" in odd_one(4.0 * u) and odd_one(3.0 * u) == {}
+    assert odd_one(0.3 * u + np.sqrt(1 - 0.09) * w)["c9"].startswith("direction outlier")
+    assert odd_one(0.5 * u + np.sqrt(1 - 0.25) * w) == {}
+    five = [u.copy() for _ in range(4)] + [50.0 * u]
+    assert set(_screen(five)[1]) == {"c4"}  # the default crowd is five updates
