@@ -57,3 +57,37 @@ def test_a_fresh_store_holds_the_initial_model_as_round_zero(tmp_path):
     assert again.round == 1
     np.testing.assert_array_equal(again.strategy.state_dict()["server_opt/velocity"], np.full(3, 1.0))
     again.store.close()
+
+
+class Evaluated(Steady):
+    """Client i evaluates to accuracy i / 10 on i examples (client "0" has none and must not count)."""
+
+    def evaluate(self, state, config):
+        i = int(self.cid)
+        return {"accuracy": i / 10, "num_examples": float(i)}
+
+
+def test_federated_evaluation_weights_clients_by_their_examples():
+    ids = ["0", "1", "2", "3"]
+    server = Server(InProcessPool(Evaluated, ids), FedAvgM(), OrderedDict(w=np.zeros(3)),
+                    sampler=ClientSampler(count=1), eval_clients=4, anomaly_checks=None)
+    server.run(1)
+    # (1 * 0.1 + 2 * 0.2 + 3 * 0.3) / 6, with the example-less client left out
+    assert server.history.last["fed_accuracy"] == pytest.approx(1.4 / 6, rel=1e-12)
+
+
+def test_a_failed_round_names_the_first_three_failures():
+    server = Server(InProcessPool(Crashing, ["a", "b", "c", "d"]), FedAvgM(), OrderedDict(w=np.zeros(3)),
+                    sampler=ClientSampler(fraction=1.0), anomaly_checks=None, max_failed_rounds=5)
+    record = server.run_round(1)
+    assert record.note.startswith("round 1: only 0 of 4 sampled clients returned usable updates, min_clients is 1")
+    assert "a: " in record.note and "c: " in record.note and "d: " not in record.note
+    assert record.metrics["round_failed"] == 1.0 and record.metrics["clients_failed"] == 4.0
+
+
+def test_a_run_store_creates_its_nested_folder(tmp_path):
+    store = RunStore(tmp_path / "a" / "b" / "run")
+    assert (tmp_path / "a" / "b" / "run" / "run.sqlite").exists() and store.last_round() is None
+    store.set_meta("config", {"x": 1})
+    assert store.get_meta("config") == {"x": 1} and store.get_meta("missing", 7) == 7
+    store.close()

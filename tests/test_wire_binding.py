@@ -175,3 +175,25 @@ def test_update_metadata_edges_that_are_valid():
     assert update.num_examples == 0 and update.metrics == {"n": 3} and update.partial is False
     with pytest.raises(SerializationError, match="cannot be serialized"):
         encode_update(Update("a", 1, np.ones(2), 1, {"loss": float("nan")}))
+
+
+def test_an_identity_key_of_another_kind_is_refused(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedlearn.transport.identity import Identity, IdentityError
+
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (tmp_path / "ec.pem").write_bytes(pem)
+    with pytest.raises(IdentityError, match="is not an Ed25519 key"):
+        Identity.load(tmp_path / "ec.pem")
+    (tmp_path / "junk.pem").write_text("not a key")
+    with pytest.raises(IdentityError, match="is not a readable PEM private key"):
+        Identity.load(tmp_path / "junk.pem")
+    with pytest.raises(IdentityError, match="does not exist"):
+        Identity.load(tmp_path / "missing.pem")
+    ours = Identity.generate()
+    ours.save(tmp_path / "id.pem")
+    assert Identity.load(tmp_path / "id.pem").public_hex == ours.public_hex
+    assert (tmp_path / "id.pem").stat().st_mode & 0o777 == 0o600
