@@ -355,7 +355,7 @@ class Runner:
 
     def run(self, mutant: Mutant, source: str) -> Mutant:
         args = tests_for(mutant.file)
-        timeout = self.baseline[tuple(args)] * self.timeout_factor + 30
+        timeout = self.baseline[tuple(args)] * (self.timeout_factor or 1.0) + 30
         with self.lock:
             copy_dir = self.free.pop()
         target = copy_dir / mutant.file
@@ -409,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="mutants run at once, each on its own scratch copy")
     parser.add_argument("--timeout-factor", type=float, default=2.0, help="timeout = factor * clean time + 30 s")
+    parser.add_argument("--timeout", type=float, help="fixed timeout per mutant in seconds; skips the clean runs")
     parser.add_argument("--rerun-survivors", metavar="REPORT", help="run only the survivors of an earlier --json report")
     parser.add_argument("--id", action="append", help="run only these mutant ids")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
@@ -440,8 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     done: list[Mutant] = []
     try:
         selections = sorted({tuple(tests_for(m.file)) for m, _ in candidates})
+        if args.timeout:  # trust that the unmutated tests pass (e.g. re-running survivors): fixed timeout
+            runner.timeout_factor = 0.0
+            runner.baseline = {test_args: args.timeout - 30 for test_args in selections}
         with ThreadPoolExecutor(args.jobs) as pool:
-            for test_args, seconds in zip(selections, pool.map(runner.check_baseline, selections)):
+            for test_args, seconds in zip(selections, pool.map(runner.check_baseline, [] if args.timeout else selections)):
                 print(f"baseline {seconds:6.1f}s  pytest {' '.join(test_args)}", flush=True)
         start = time.monotonic()
         pool = ThreadPoolExecutor(args.jobs)
