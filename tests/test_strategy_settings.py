@@ -314,3 +314,26 @@ def test_default_thresholds_against_hand_computed_robust_z_scores():
     assert odd_one(0.5 * u + np.sqrt(1 - 0.25) * w) == {}
     five = [u.copy() for _ in range(4)] + [50.0 * u]
     assert set(_screen(five)[1]) == {"c4"}  # the default crowd is five updates
+
+
+def test_a_stateful_aggregators_state_travels_with_the_strategy_state():
+    from fedlearn.aggregators import make_aggregator
+
+    strategy = FedAvg()
+    strategy.aggregator = make_aggregator("centered_clipping", tau=10.0)
+    strategy.aggregate(_updates([[1.0, 2.0], [3.0, 4.0]], [1, 1]))
+    state = strategy.state_dict()
+    assert set(state) == {"aggregator/center"}
+    np.testing.assert_allclose(state["aggregator/center"], [2.0, 3.0])  # within tau: the plain mean
+    restored = FedAvg()
+    restored.aggregator = make_aggregator("centered_clipping", tau=10.0)
+    restored.load_state_dict(state)
+    np.testing.assert_array_equal(restored.aggregator.center, [2.0, 3.0])
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.0])
+def test_updates_without_a_positive_integer_example_count_are_rejected(n):
+    from fedlearn.server.validate import update_problem
+
+    problem = update_problem(Update("a", 1, np.zeros(2), n), expected_client="a", rnd=1, size=2)
+    assert problem == f"num_examples must be a positive integer, got {n!r}"
