@@ -364,3 +364,13 @@ def test_build_privacy_adds_local_dp_and_adaptive_clipping():
     adaptive = _build(dp_clip=1.0, dp_noise=1.0, adaptive_clip=True, clip_quantile=0.7, clip_lr=0.1, count_noise=3.0)
     assert adaptive.transforms[0].adaptive == AdaptiveClipping(0.7, 0.1, 3.0)
     assert "clip 1 (adaptive)" in adaptive.summary[0]
+
+
+def test_adaptive_clipping_settings_at_their_edges_are_refused():
+    for quantile in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\)"):
+            AdaptiveClipping(quantile=quantile)
+    for bad, message in [(dict(lr=0.0), "clipping learning rate must be > 0"),
+                         (dict(count_noise=0.0), "count noise must be > 0")]:
+        with pytest.raises(ValueError, match=message):
+            AdaptiveClipping(**bad)

@@ -13,7 +13,7 @@ import torch
 from fedlearn import Client, Update, run_simulation
 from fedlearn.server.anomaly import AnomalyChecks
 from fedlearn.server.sampling import ClientSampler, PoissonSampler, client_seed
-from fedlearn.strategies import FedAvg, FedProx, Scaffold
+from fedlearn.strategies import FedAdam, FedAvg, FedAvgM, FedNova, FedProx, Scaffold
 from fedlearn.torch import TorchClient, state_of
 
 
@@ -281,10 +281,10 @@ class HalfDone(Client):
 
     def fit(self, state, config):
         return Update(self.cid, int(config["round"]), np.full(2, 1.0 if self.cid[0] == "s" else 3.0), 1,
-                      partial=self.cid[0] == "s")
+                      {"steps": 1.0}, partial=self.cid[0] == "s")
 
 
-@pytest.mark.parametrize("strategy, used", [(FedAvg(), 3.0), (FedProx(mu=0.0), 2.0)])
+@pytest.mark.parametrize("strategy, used", [(FedAvg(), 3.0), (FedProx(mu=0.0), 2.0), (FedNova(), 2.0)])
 def test_partial_work_is_dropped_by_fedavg_and_used_by_fedprox(strategy, used):
     result = run_simulation(HalfDone, ["s1", "f1"], initial_state=OrderedDict(w=np.zeros(2)), strategy=strategy,
                             rounds=1, anomaly_checks=None)
@@ -337,3 +337,12 @@ def test_updates_without_a_positive_integer_example_count_are_rejected(n):
 
     problem = update_problem(Update("a", 1, np.zeros(2), n), expected_client="a", rnd=1, size=2)
     assert problem == f"num_examples must be a positive integer, got {n!r}"
+
+
+def test_hyperparameters_at_the_edges_of_their_ranges():
+    from fedlearn.strategies.fedopt import ServerAdam
+
+    assert FedAdam(beta1=0.0, beta2=0.0).server_optimizer.beta1 == 0.0  # [0, 1): zero is allowed
+    assert FedAvgM(momentum=0.0).server_optimizer.momentum == 0.0
+    adam = ServerAdam(0.1)  # the paper's defaults
+    assert (adam.beta1, adam.beta2, adam.tau) == (0.9, 0.99, 1e-3)
