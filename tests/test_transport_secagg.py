@@ -103,7 +103,7 @@ def test_secure_aggregation_over_grpc_survives_a_client_killed_mid_training(tmp_
                  "--central-dp", "--client-module", "transport_support:make_digits_client",
                  *[a for kv in args for a in ("--client-arg", kv)]], tmp_path / f"client{k}.log"))
         # killed after it shared its keys, before its masked update: its pairwise masks must be recovered
-        wait_for(lambda: (marks / f"{KILLED}-round{KILL_ROUND}").exists(), 60, "the client to start its last round")
+        wait_for(lambda: (marks / f"{KILLED}-round{KILL_ROUND}").exists(), 240, "the client to start its last round")
         clients[int(KILLED)].send_signal(signal.SIGKILL)
         runner.join(60)
         assert not runner.is_alive() and "result" in outcome

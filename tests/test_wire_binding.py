@@ -119,7 +119,8 @@ def _update_message(tensors=None, **meta):
 
 
 @pytest.mark.parametrize("data, reason", [
-    (b"FLT1" + (2**20 + 1).to_bytes(4, "little") + b"{}", "header length 1048577 does not fit"),
+    (b"FLT1" + (2**20 + 1).to_bytes(4, "little") + b" " * (2**20 + 1), "header length 1048577 does not fit"),
+    (b"FLT1" + (2**20).to_bytes(4, "little") + b" " * (2**20 - 2) + b"{}", "missing tensor list"),  # 1 MiB fits
     (b"FLT1" + (50).to_bytes(4, "little") + b"{}", "header length 50 does not fit"),
     (b"FLT1" + (2).to_bytes(4, "little") + b"[]", "missing tensor list"),
     (b"FLT1" + (2).to_bytes(4, "little") + b"\xff\xfe", "corrupt header"),
@@ -174,3 +175,25 @@ def test_update_metadata_edges_that_are_valid():
     assert update.num_examples == 0 and update.metrics == {"n": 3} and update.partial is False
     with pytest.raises(SerializationError, match="cannot be serialized"):
         encode_update(Update("a", 1, np.ones(2), 1, {"loss": float("nan")}))
+
+
+def test_an_identity_key_of_another_kind_is_refused(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedlearn.transport.identity import Identity, IdentityError
+
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (tmp_path / "ec.pem").write_bytes(pem)
+    with pytest.raises(IdentityError, match="is not an Ed25519 key"):
+        Identity.load(tmp_path / "ec.pem")
+    (tmp_path / "junk.pem").write_text("not a key")
+    with pytest.raises(IdentityError, match="is not a readable PEM private key"):
+        Identity.load(tmp_path / "junk.pem")
+    with pytest.raises(IdentityError, match="does not exist"):
+        Identity.load(tmp_path / "missing.pem")
+    ours = Identity.generate()
+    ours.save(tmp_path / "id.pem")
+    assert Identity.load(tmp_path / "id.pem").public_hex == ours.public_hex
+    assert (tmp_path / "id.pem").stat().st_mode & 0o777 == 0o600
