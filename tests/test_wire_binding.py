@@ -10,7 +10,7 @@ from fedlearn import Update
 from fedlearn.serialize import SerializationError, decode_tensors, decode_update, encode_tensors, encode_update
 from fedlearn.transport import certs
 from test_serialize import _rewrite_header
-from test_transport_security import Served, answer, send
+from test_transport_security import CODEC, Served, answer, send
 
 # The allow-list, written out independently of fedlearn.serialize: little-endian floats and integers, bytes, bools.
 ALLOWED = {"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1"}
@@ -53,7 +53,7 @@ def test_the_round_and_client_inside_the_signed_payload_must_be_the_tasks(served
     future = served.fit(["alice"], 1)
     task = alice.next_task()
     fields = {"client_id": "alice", "round": 1, **inside}
-    payload = encode_update(Update(fields["client_id"], fields["round"], np.full(15, 0.5), 10))
+    payload = encode_update(Update(fields["client_id"], fields["round"], np.full(15, 0.5), 10), codec=CODEC)
     ack = send(alice, alice.result_header(task.header, payload), payload)  # header honest and signed
     assert not ack.accepted and reason in ack.reason
     [failure] = future.result(5)
@@ -154,7 +154,6 @@ def test_a_zero_size_and_a_scalar_tensor_decode():
 
 @pytest.mark.parametrize("data, reason", [
     (lambda: _update_message({"x": np.ones(2)}), "must hold a tensor 'delta'"),
-    (lambda: _update_message({"extra/c": np.ones(2), "delta": np.ones(2)}), "must hold a tensor 'delta'"),
     (lambda: _update_message({"delta": np.ones(2), "control": np.ones(2)}), "must hold a tensor 'delta'"),
     (lambda: _update_message({"delta": np.ones((2, 1))}), r"delta must be 1-D, got shape \(2, 1\)"),
     (lambda: _update_message(client_id=5), "update metadata needs client_id"),
