@@ -223,7 +223,7 @@ class Server:
         record = RoundRecord(rnd, metrics, [u.client_id for u in updates], failures, note)
         if self.store is not None:
             self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures,
-                                    note, evidence)
+                                    note, evidence=evidence)
         self.round = rnd
         self.history.rounds.append(record)
         return record
