@@ -13,10 +13,11 @@ import struct
 import numpy as np
 import pytest
 
-from fedlearn import Failure
+from fedlearn import Failure, Update
+from fedlearn.serialize import decode_tensors, encode_update
 from fedlearn.secagg import SecAggConfig
 from fedlearn.transport import certs
-from test_transport_security import SIZE, STATE, Served, send
+from test_transport_security import CODEC, SIZE, STATE, Served, send
 from transport_support import Deployment
 
 CLIENTS = 5
@@ -155,8 +156,8 @@ def test_values_json_can_carry_but_the_encoder_never_writes_are_rejected_where_d
     if kind == "fit":
         future = served.fit(["alice"], 1)
         task = conn.next_task()
-        payload = _forged_payload({"delta": np.full(SIZE, 0.5)}, {"kind": "update", "client_id": "alice", "round": 1,
-                                                                  "partial": False, **meta})
+        tensors, honest = decode_tensors(encode_update(Update("alice", 1, np.full(SIZE, 0.5), 10), codec=CODEC))
+        payload = _forged_payload(tensors, {**honest, **meta})
     else:
         future = served.executor.submit(served.pool.evaluate, STATE, {"alice": {"round": 1}})
         task = conn.next_task()
