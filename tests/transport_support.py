@@ -251,7 +251,7 @@ class Deployment:
         for p in [*self.servers, *self.clients.values()]:
             p.kill()
 
-    def finish(self, timeout: float = 120):
+    def finish(self, timeout: float = 300):
         """Wait for the last server and every client to exit with 0; the committed rounds and models."""
         from fedlearn import RunStore
 

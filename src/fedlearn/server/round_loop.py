@@ -33,7 +33,7 @@ from .pool import ClientPool
 from .protocol import RoundAborted, RoundProtocol
 from .sampling import ClientSampler, client_seed
 from .store import RoundEvidence, RoundRecord, RunStore
-from .validate import MAX_COUNT, count_problem, metrics_problem, update_problem
+from .validate import MAX_COUNT, capped, count_problem, metrics_problem, usable_problem
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,8 @@ class Server:
                 failures.append(result)
                 answered.add(result.client_id)
                 continue
-            problem = self._update_problem(result, instructions, rnd)
+            expected = result.client_id if result.client_id in instructions else "<not sampled>"
+            problem = usable_problem(result, self.strategy, expected_client=expected, rnd=rnd, size=self.layout.size)
             if problem is None and result.client_id in answered:
                 problem = "sent more than one update this round"
             answered.add(result.client_id)
@@ -249,26 +250,9 @@ class Server:
                 failures.append(Failure(result.client_id, "straggler",
                                         f"partial work dropped by {self.strategy.name}"))
             else:
-                updates.append(self._capped(result))
+                updates.append(capped(result, self.max_examples))
         failures += [Failure(c, "timeout", "no result before the round ended") for c in instructions if c not in answered]
         return updates, failures
-
-    def _update_problem(self, update: Update, instructions: dict, rnd: int) -> str | None:
-        """Why `update` is unusable, or None; a check that fails on a hostile value costs only its sender."""
-        expected = update.client_id if update.client_id in instructions else "<not sampled>"
-        try:
-            return (update_problem(update, expected_client=expected, rnd=rnd, size=self.layout.size)
-                    or self.strategy.update_problem(update))
-        except Exception as exc:  # noqa: BLE001 - whatever a client sent, only that client pays for it
-            return f"could not be checked ({type(exc).__name__}: {exc})"[:500]
-
-    def _capped(self, update: Update) -> Update:
-        """`update` with its example weight capped at `max_examples` (the largest credible count)."""
-        if self.max_examples is None or update.num_examples <= self.max_examples:
-            return update
-        log.info("round %d: client %s claims %d examples; its weight is capped at max_examples=%d", update.round,
-                 update.client_id, update.num_examples, self.max_examples)
-        return dataclasses.replace(update, num_examples=self.max_examples)
 
     def _round_metrics(self, updates: list[Update], failures: list[Failure], cohort: list[str], rnd: int) -> Metrics:
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)

@@ -155,7 +155,7 @@ class DeploymentServer:
                 raise ConfigError("asynchronous mode takes no round protocol (secure aggregation), sampler or "
                                   "federated evaluation: clients train whenever they are connected and idle")
             config = run_config or {"asynchronous": asdict(asynchronous), "strategy": type(strategy).__qualname__,
-                                    "rounds": rounds}
+                                    "max_examples": max_examples, "rounds": rounds}
         else:
             self.server: Server | AsyncServer = Server(
                 self.pool, strategy, initial_state, sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
@@ -173,7 +173,7 @@ class DeploymentServer:
             self.server = AsyncServer(
                 ThreadExecutor(self.pool, self.pool.connected), strategy, initial_state, **asynchronous.server_args(),
                 transforms=transforms, anomaly_checks=anomaly_checks, central_eval=central_eval, store=self.store,
-                seed=seed)
+                seed=seed, max_examples=max_examples)
         else:
             self.server.attach(self.store)
         self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout,
