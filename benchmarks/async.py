@@ -16,7 +16,7 @@ with the model evaluated centrally after each. Columns: virtual seconds to reach
 (first step at or above it), final accuracy and mean of the last 5 evaluations, total virtual time, and the
 speed-up over sync in time to target.
 
-    PYTHONPATH=src python benchmarks/async.py [--rounds 60] [--target 0.6] [--speed-sigma 1.5]
+    PYTHONPATH=src python benchmarks/async.py [--rounds 100] [--async-steps 300] [--target 0.5] [--rows fedbuff]
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def run_row(name: str, task: FemnistTask, args: argparse.Namespace) -> list[tupl
         server = AsyncServer(VirtualExecutor(pool, clock), FedAvg(), task.initial_state, buffer_size=args.cohort,
                              concurrency=args.concurrency, max_staleness=args.max_staleness,
                              central_eval=task.central_eval, seed=args.seed)
-        server.run(args.async_steps or args.rounds, [record])
+        server.run(args.async_steps, [record])
     else:
         deadline = args.deadline if name == "sync+deadline" else None
         clocked = ClockedPool(pool, clock, deadline=deadline, min_online=args.cohort)
@@ -72,8 +72,8 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=100, help="synchronous rounds")
-    parser.add_argument("--async-steps", type=int, default=0, help="FedBuff server steps (default: --rounds)")
-    parser.add_argument("--target", type=float, default=0.6)
+    parser.add_argument("--async-steps", type=int, default=300, help="FedBuff server steps")
+    parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--cohort", type=int, default=10, help="sync clients per round = FedBuff buffer size K")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--max-staleness", type=int, default=10)
