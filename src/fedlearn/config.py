@@ -6,7 +6,7 @@ TOML layout (every key optional)::
     rounds = 30
     [data]      dataset, partition, alpha, shards_per_client, sigma, num_clients, synthetic_alpha, synthetic_beta
     [model]     name
-    [sampling]  clients_per_round | fraction, min_clients, eval_clients
+    [sampling]  clients_per_round | fraction, min_clients, eval_clients, max_examples
     [strategy]  name, then the strategy's own parameters (server_lr, mu, ...)
     [client]    local_epochs, batch_size, lr, momentum
     [faults]    crash_rate, drop_rate, straggler_rate
@@ -16,6 +16,7 @@ TOML layout (every key optional)::
     [privacy]   dp_clip, dp_noise | target_epsilon, dp_delta, epsilon_budget, accountant, sampling, adaptive_clip,
                 local_dp_clip, local_dp_noise, secagg, ... (see `fedlearn.privacy.config`)
     [simulation] backend (sequential, vectorized, process, ray), ray_address (a Ray cluster; empty: local Ray)
+    [contributions] methods (gtg, loo, exact, cosine), metric, truncation, tolerance (empty: no accounting)
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class SimulationConfig:
     fraction: float | None = None
     min_clients: int = 1
     eval_clients: int = 10
+    max_examples: int = 100_000  # cap on the example count (FedAvg weight) a client may claim
     # strategy
     strategy: str = "fedavg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
@@ -84,6 +86,8 @@ class SimulationConfig:
     # simulation engine: where and how clients train (same results, different speed)
     backend: str = "sequential"
     ray_address: str = ""
+    # contribution accounting: ContributionAccounting settings; empty: off
+    contributions: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,6 +108,8 @@ class SimulationConfig:
         _check(self.fraction is None or 0 < self.fraction <= 1, "fraction must be in (0, 1]")
         _check(self.min_clients >= 1, "min_clients must be >= 1")
         _check(self.eval_clients >= 0, "eval_clients must be >= 0")
+        _check(isinstance(self.max_examples, int) and 1 <= self.max_examples <= 2**53,
+               "max_examples must be an integer in [1, 2**53]")
         _check(isinstance(self.strategy_params, dict), "strategy parameters must be a table of name = value")
         _check(self.local_epochs >= 1, "local_epochs must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
@@ -120,6 +126,14 @@ class SimulationConfig:
             _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1]")
         _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         _check(not self.ray_address or self.backend == "ray", "ray_address needs backend 'ray'")
+        _check(isinstance(self.contributions, dict), "contribution settings must be a table of name = value")
+        if self.ray_address:
+            from .simulation.ray_pool import check_ray_address
+
+            try:
+                check_ray_address(self.ray_address)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,10 +148,10 @@ _RENAMES = {("model", "name"): "model", ("strategy", "name"): "strategy", ("aggr
             ("attack", "name"): "attack", ("attack", "fraction"): "attack_fraction",
             ("anomaly", "enabled"): "anomaly_checks"}
 _SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults", "aggregator", "attack", "anomaly", "privacy",
-             "simulation")
+             "simulation", "contributions")
 # Sections whose keys (other than those renamed above) are free-form parameters of the named plug-in.
 _PLUGIN_SECTIONS = {"strategy": "strategy_params", "aggregator": "aggregator_params", "attack": "attack_params",
-                    "anomaly": "anomaly_params", "privacy": "privacy"}
+                    "anomaly": "anomaly_params", "privacy": "privacy", "contributions": "contributions"}
 
 
 def load_toml(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -1,31 +1,39 @@
 """The round loop: sample -> dispatch -> validate -> transform -> aggregate -> server step -> evaluate -> commit.
 
-One loop for every client pool. Follow one update: `ClientPool.fit` returns it, `update_problem` checks it,
-the strategy's `accept_partial` decides on stragglers, transforms' `server` halves see it, the anomaly checks
+One loop for every client pool. Follow one update: `ClientPool.fit` returns it, `update_problem` checks it
+(and every value in it; the strategy's own `update_problem` what it needs), its example weight is capped at
+`max_examples`, the strategy's `accept_partial` decides on stragglers, transforms' `server` halves see it, the anomaly checks
 screen it (`anomaly.py`), `Strategy.aggregate` combines it, transforms' `finalize` halves adjust the aggregate,
-and `Strategy.apply` makes the new model.
+and `Strategy.apply` makes the new model. The store commits the round with its evidence: each accepted
+update's hash for the audit log and, with `contributions`, each client's contribution scores.
 
 Dispatch and aggregation go through the round's `RoundProtocol` (`protocol.py`): by default one fit exchange
 and `Strategy.aggregate`; secure aggregation runs its stages there as generic messages (`ClientPool.exchange`).
+A protocol that cannot finish safely raises `RoundAborted`: the round is recorded as failed with the reason,
+the model is unchanged, and the run goes on.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from ..audit.record import update_digest
+from ..contributions.accounting import ContributionAccounting
 from ..params import Layout
 from ..strategies.base import Strategy
 from ..transforms.base import StopRun, Transform
 from ..types import EvalResult, Failure, Metrics, State, Update
 from .anomaly import AnomalyChecks
 from .pool import ClientPool
-from .protocol import RoundProtocol
+from .protocol import RoundAborted, RoundProtocol
 from .sampling import ClientSampler, client_seed
-from .store import RoundRecord, RunStore
-from .validate import update_problem
+from .store import RoundEvidence, RoundRecord, RunStore
+from .validate import MAX_COUNT, capped, count_problem, metrics_problem, usable_problem
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +42,7 @@ RoundCallback = Callable[[RoundRecord], None]
 
 
 class RoundFailedError(RuntimeError):
-    """Too many consecutive rounds had fewer than `min_clients` usable updates."""
+    """Too many consecutive rounds failed (fewer than `min_clients` usable updates, or an aborted protocol)."""
 
 
 @dataclass
@@ -70,18 +78,22 @@ class Server:
         max_failed_rounds: int = 3,
         anomaly_checks: AnomalyChecks | None = None,
         protocol: RoundProtocol | None = None,
+        max_examples: int | None = None,
+        contributions: ContributionAccounting | None = None,
     ) -> None:
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
         if max_failed_rounds < 0:
             raise ValueError(f"max_failed_rounds must be >= 0, got {max_failed_rounds}")
+        if max_examples is not None and not 1 <= max_examples <= MAX_COUNT:
+            raise ValueError(f"max_examples must be in [1, 2**53], got {max_examples}")
         self.pool, self.strategy, self.sampler = pool, strategy, sampler
         self.layout = Layout.of(initial_state)
         self.params = self.layout.flatten(initial_state)
         self.min_clients, self.transforms = min_clients, list(transforms)
         self.central_eval, self.eval_clients = central_eval, eval_clients
-        self.store, self.seed, self.max_failed_rounds = store, seed, max_failed_rounds
-        self.anomaly_checks = anomaly_checks
+        self.store, self.seed, self.max_failed_rounds = None, seed, max_failed_rounds
+        self.anomaly_checks, self.max_examples, self.contributions = anomaly_checks, max_examples, contributions
         self.protocol = protocol or RoundProtocol()
         self.protocol.check(strategy)
         for transform in self.transforms:
@@ -90,17 +102,37 @@ class Server:
         self.round = 0
         self.history = History()
         if store is not None:
-            self._restore_or_init(store, initial_state)
+            self.attach(store)
 
     @property
     def state(self) -> State:
         """The current global model."""
         return self.layout.unflatten(self.params)
 
-    def _restore_or_init(self, store: RunStore, initial_state: State) -> None:
+    def describe(self) -> dict[str, Any]:
+        """The settings that make this run what it is (for `RunStore.bind_config` when no config file does):
+        strategy and its scalar settings, model layout, sampling, transforms, protocol and checks."""
+        aggregator, optimizer = self.strategy.aggregator, self.strategy.server_optimizer
+        return {
+            "strategy": {"class": type(self.strategy).__qualname__, **_scalars(self.strategy),
+                         "client_config": self.strategy.client_config,
+                         "aggregator": {"name": getattr(aggregator, "__name__", type(aggregator).__qualname__),
+                                        **_scalars(aggregator)},
+                         "server_optimizer": {"class": type(optimizer).__qualname__, **_scalars(optimizer)}},
+            "model": {name: [list(v.shape), v.dtype.str] for name, v in self.state.items()},
+            "sampler": {"class": type(self.sampler).__qualname__, **_scalars(self.sampler)},
+            "min_clients": self.min_clients, "max_failed_rounds": self.max_failed_rounds, "seed": self.seed,
+            "max_examples": self.max_examples, "eval_clients": self.eval_clients,
+            "transforms": [t.name for t in self.transforms], "protocol": self.protocol.name,
+            "anomaly_checks": dataclasses.asdict(self.anomaly_checks) if self.anomaly_checks is not None else None,
+        }
+
+    def attach(self, store: RunStore) -> None:
+        """Commit every round to `store`, resuming the run it holds (or storing the initial model as round 0)."""
+        self.store = store
         last = store.last_round()
         if last is None:
-            store.commit_round(0, initial_state, self.strategy.state_dict(), {}, [], [])
+            store.commit_round(0, self.state, self.strategy.state_dict(), {}, [], [])
             return
         state, strategy_state = store.load_round(last)
         self.params = self.layout.flatten(state)
@@ -136,7 +168,8 @@ class Server:
         return self.history
 
     def run_round(self, rnd: int) -> RoundRecord:
-        """One complete round, committed to the store; a failed round (too few usable updates) keeps the model."""
+        """One complete round, committed to the store; a failed round (too few usable updates, or a protocol
+        that aborted) keeps the model."""
         state = self.state
         settings = {k: v for transform in self.transforms for k, v in transform.configure(rnd).items()}
         cohort = self.sampler.sample(self.pool.client_ids, rnd)
@@ -145,45 +178,59 @@ class Server:
                   "seed": client_seed(self.seed, rnd, cid)}
             for cid in cohort
         }
-        results = self.protocol.collect(self.pool, state, instructions, self.transforms)
-        updates, failures = self._screen(results, instructions, rnd)
-        for transform in self.transforms:
-            updates, refused = transform.server(updates, rnd)
-            failures += refused
-        if self.anomaly_checks is not None:
-            updates, flagged = self.anomaly_checks.screen(updates, self.layout.size)
-            failures += flagged
-        for f in failures:
-            log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
+        updates: list[Update] = []
+        failures: list[Failure] = []
         note = ""
-        if len(updates) >= self.min_clients:
-            self.strategy.begin_round(rnd, self.params)
-            delta = self.protocol.aggregate(self.pool, self.strategy, updates, rnd)
+        evidence = RoundEvidence()
+        try:
+            results = self.protocol.collect(self.pool, state, instructions, self.transforms)
+            updates, failures = self._screen(results, instructions, rnd)
             for transform in self.transforms:
-                delta = transform.finalize(delta, updates, rnd)
-            # The global model is the state in its own dtypes: round the float64 step to them, so the model
-            # in memory is exactly what clients receive and what the store (and so a resumed run) holds.
-            self.params = self.layout.flatten(self.layout.unflatten(self.strategy.apply(self.params, delta)))
-        else:
-            reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in failures[:3])
-            note = (f"round {rnd}: only {len(updates)} of {len(cohort)} sampled clients returned usable updates, "
-                    f"min_clients is {self.min_clients}; model unchanged ({reasons})")
+                updates, refused = transform.server(updates, rnd)
+                failures += refused
+            if self.anomaly_checks is not None:
+                updates, flagged = self.anomaly_checks.screen(updates, self.layout.size)
+                failures += flagged
+            for f in failures:
+                log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
+            if len(updates) >= self.min_clients:
+                evidence.update_hashes = {u.client_id: update_digest(u) for u in updates}
+                if self.contributions is not None:
+                    evidence.contributions = self.contributions.score(self.layout, self.params, updates, rnd)
+                self.strategy.begin_round(rnd, self.params)
+                delta = self.protocol.aggregate(self.pool, self.strategy, updates, rnd)
+                for transform in self.transforms:
+                    delta = transform.finalize(delta, updates, rnd)
+                # The global model is the state in its own dtypes: round the float64 step to them, so the model
+                # in memory is exactly what clients receive and what the store (and so a resumed run) holds.
+                self.params = self.layout.flatten(self.layout.unflatten(self.strategy.apply(self.params, delta)))
+            else:
+                reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in failures[:3])
+                note = (f"round {rnd}: only {len(updates)} of {len(cohort)} sampled clients returned usable "
+                        f"updates, min_clients is {self.min_clients}; model unchanged ({reasons})")
+        except RoundAborted as exc:
+            note = f"round {rnd} aborted by the {self.protocol.name} protocol: {exc}"
+        if note:
             log.warning(note)
-            updates = []
+            updates, evidence = [], RoundEvidence()
         metrics = self._round_metrics(updates, failures, cohort, rnd)
         for transform in self.transforms:
             metrics.update(transform.report(rnd))
         if note:
             metrics["round_failed"] = 1.0
+        if evidence.contributions:
+            metrics["contribution_evaluations"] = float(self.contributions.last_evaluations)
         record = RoundRecord(rnd, metrics, [u.client_id for u in updates], failures, note)
         if self.store is not None:
-            self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures)
+            self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures,
+                                    note, evidence=evidence)
         self.round = rnd
         self.history.rounds.append(record)
         return record
 
     def _screen(self, results: list[Update | Failure], instructions: dict, rnd: int) -> tuple[list[Update], list[Failure]]:
-        """Split pool results into usable updates and failures with reasons (validation and stragglers)."""
+        """Split pool results into usable updates and failures with reasons (validation and stragglers), and
+        cap each example weight at `max_examples`."""
         updates: list[Update] = []
         failures: list[Failure] = []
         answered = set()
@@ -193,7 +240,7 @@ class Server:
                 answered.add(result.client_id)
                 continue
             expected = result.client_id if result.client_id in instructions else "<not sampled>"
-            problem = update_problem(result, expected_client=expected, rnd=rnd, size=self.layout.size)
+            problem = usable_problem(result, self.strategy, expected_client=expected, rnd=rnd, size=self.layout.size)
             if problem is None and result.client_id in answered:
                 problem = "sent more than one update this round"
             answered.add(result.client_id)
@@ -203,7 +250,7 @@ class Server:
                 failures.append(Failure(result.client_id, "straggler",
                                         f"partial work dropped by {self.strategy.name}"))
             else:
-                updates.append(result)
+                updates.append(capped(result, self.max_examples))
         failures += [Failure(c, "timeout", "no result before the round ended") for c in instructions if c not in answered]
         return updates, failures
 
@@ -227,9 +274,22 @@ class Server:
         rng = np.random.default_rng([self.seed, rnd, 1])
         chosen = [ids[i] for i in np.sort(rng.choice(len(ids), size=min(self.eval_clients, len(ids)), replace=False))]
         results = [r for r in self.pool.evaluate(state, {c: {"round": rnd} for c in chosen}) if isinstance(r, EvalResult)]
-        results = [r for r in results if r.num_examples > 0]
+        usable = []
+        for r in results:
+            problem = count_problem(r.num_examples, minimum=0) or metrics_problem(r.metrics)
+            if problem is not None:
+                log.info("round %d: evaluation result of client %s ignored: %s", rnd, r.client_id, problem)
+            elif r.num_examples > 0:
+                usable.append(r)
+        results = usable
         if not results:
             return {}
         weights = np.array([r.num_examples for r in results], dtype=np.float64)
         keys = set.intersection(*(set(r.metrics) for r in results)) - {"num_examples"}
         return {f"fed_{k}": float(np.average([r.metrics[k] for r in results], weights=weights)) for k in sorted(keys)}
+
+
+def _scalars(obj: object) -> dict[str, Any]:
+    """The public number, string and flag attributes of `obj` (its settings, not its arrays)."""
+    return {k: v for k, v in sorted(getattr(obj, "__dict__", {}).items())
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}

@@ -109,9 +109,7 @@ class Connection:
 
     def sign(self, header: pb.ResultHeader) -> pb.ResultHeader:
         """(Re)compute the header's signature over its current fields."""
-        header.signature = self.identity.sign(result_message(
-            header.run_id, header.client_id, header.round, header.nonce, header.kind, header.payload_sha256,
-            header.error))
+        header.signature = self.identity.sign(result_message(header))
         return header
 
     def send_result(self, header: pb.ResultHeader, payload: bytes) -> int:

@@ -44,7 +44,9 @@ class ServerSettings:
     """The [server] section of server.toml: where to listen, how to secure it, how long to wait.
 
     Relative paths are relative to the config file's folder. `client_ca` turns on mutual TLS.
-    `wait_for_clients` = 0 waits for as many clients as a round samples (1 when sampling a fraction).
+    `wait_for_clients` = 0 waits for as many clients as a round samples (1 when sampling a fraction); once
+    `min_clients` are connected a round waits at most `proceed_after` seconds for the rest, then goes on with
+    the clients it has. `wait_timeout` is how long it waits for `min_clients` before giving up.
     """
 
     address: str = "0.0.0.0:8443"
@@ -57,11 +59,12 @@ class ServerSettings:
     round_deadline: float = 120.0
     wait_for_clients: int = 0
     wait_timeout: float = 600.0
+    proceed_after: float = 30.0
     max_connections: int = 256
     handshake_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("round_deadline", "wait_timeout", "handshake_timeout"):
+        for name in ("round_deadline", "wait_timeout", "handshake_timeout", "proceed_after"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"[server] {name} must be > 0, got {getattr(self, name)}")
         if self.wait_for_clients < 0 or self.max_connections < 1:
@@ -96,8 +99,11 @@ def load_server_config(path: str | Path) -> tuple[SimulationConfig, ServerSettin
 class DeploymentServer:
     """Serves a federated run to remote clients: `start()` listens, `run()` runs the rounds, `stop()` ends.
 
-    The arguments are those of `Server`; with `asynchronous` settings the run is FedBuff (`AsyncServer`,
-    `rounds` server steps) over the connected clients, which may join and leave at any time. A multi-exchange `protocol` (secure aggregation) runs its stages
+    The run directory belongs to `run_config` (default: `Server.describe()` and `rounds`): another
+    configuration is refused, and `resume` may raise only `rounds`. The other arguments are those of `Server`
+    (`max_examples` caps the example count, the aggregation weight, a client may claim; None: no cap); with
+    `asynchronous` settings the run is FedBuff (`AsyncServer`, `rounds` server steps) over the connected
+    clients, which may join and leave at any time. A multi-exchange `protocol` (secure aggregation) runs its stages
     through the pool, and each client process needs the protocol's `client_handlers()` (`run_client`; for
     secure aggregation `secagg_handlers`). `sampler` replaces the count / fraction sampler.
     """
@@ -113,6 +119,7 @@ class DeploymentServer:
         fraction: float | None = None,
         min_clients: int = 1,
         eval_clients: int = 0,
+        max_examples: int | None = None,
         central_eval: CentralEval | None = None,
         transforms: Sequence[Transform] = (),
         anomaly_checks: AnomalyChecks | None = AnomalyChecks(),
@@ -120,7 +127,8 @@ class DeploymentServer:
         sampler: ClientSampler | PoissonSampler | None = None,
         fit_config: Config | None = None,
         seed: int = 0,
-        meta: dict[str, Any] | None = None,
+        run_config: dict[str, Any] | None = None,
+        resume: bool = False,
         asynchronous: AsyncSettings | None = None,
     ) -> None:
         if clients_per_round is None and fraction is None:
@@ -128,27 +136,38 @@ class DeploymentServer:
         AllowList.load(settings.allow_list)  # fail now, not at the first connection
         self.settings, self.rounds = settings, rounds
         self.store = RunStore(settings.run_dir)
-        for key, value in (meta or {}).items():
-            self.store.set_meta(key, value)
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex
-        self.store.set_meta("run_id", self.run_id)
         self.pool = RemotePool(self.run_id, round_deadline=settings.round_deadline,
                                min_available=settings.wait_for_clients or clients_per_round or 1,
+                               min_clients=min_clients, proceed_after=settings.proceed_after,
                                wait_timeout=settings.wait_timeout, fit_config=fit_config)
         if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
             if protocol is not None or sampler is not None or eval_clients:
+                self.store.close()
                 raise ConfigError("asynchronous mode takes no round protocol (secure aggregation), sampler or "
                                   "federated evaluation: clients train whenever they are connected and idle")
-            self.server: Server | AsyncServer = AsyncServer(
+            config = run_config or {"asynchronous": asdict(asynchronous), "strategy": type(strategy).__qualname__,
+                                    "max_examples": max_examples, "rounds": rounds}
+        else:
+            self.server: Server | AsyncServer = Server(
+                self.pool, strategy, initial_state, sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
+                min_clients=min_clients, max_examples=max_examples, transforms=transforms, central_eval=central_eval,
+                eval_clients=eval_clients, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
+            config = run_config or {**self.server.describe(), "rounds": rounds}
+        try:
+            self.store.bind_config(config, resume=resume)
+        except ValueError:
+            self.store.close()
+            raise
+        self.store.set_meta("run_id", self.run_id)
+        self.store.set_meta("server", asdict(settings))
+        if asynchronous is not None:
+            self.server = AsyncServer(
                 ThreadExecutor(self.pool, self.pool.connected), strategy, initial_state, **asynchronous.server_args(),
                 transforms=transforms, anomaly_checks=anomaly_checks, central_eval=central_eval, store=self.store,
-                seed=seed)
+                seed=seed, max_examples=max_examples)
         else:
-            self.server = Server(self.pool, strategy, initial_state,
-                                 sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
-                                 min_clients=min_clients,
-                                 transforms=transforms, central_eval=central_eval, eval_clients=eval_clients,
-                                 store=self.store, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
+            self.server.attach(self.store)
         self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout)
         self.phase = "waiting"
         self._grpc = None
@@ -164,7 +183,11 @@ class DeploymentServer:
         return port
 
     def run(self, show_progress: bool = False) -> SimulationResult:
-        """Run the remaining rounds, tell the clients the run is over, and write the run directory."""
+        """Run the remaining rounds, tell the clients the run is over, and write the run directory.
+
+        Only a run that completed tells the clients it is over: if the run ends with an exception (or the
+        process is interrupted), connected clients just lose their connection and keep reconnecting, so a
+        server restarted on the same run directory resumes with them."""
         start = time.perf_counter()
         self.phase, self._round_started = "running", start
         try:
@@ -173,9 +196,11 @@ class DeploymentServer:
                     history = self.server.run(self.rounds, [self._log_round, progress])
             else:
                 history = self.server.run(self.rounds, [self._log_round])
-        finally:
-            self.phase = "finished"
-            self.pool.finish(f"run {self.run_id} is over after round {self.server.round}")
+        except BaseException as exc:
+            self.phase = f"stopped after round {self.server.round}: {type(exc).__name__}"
+            raise
+        self.phase = "finished"
+        self.pool.finish(f"run {self.run_id} is over after round {self.server.round}")
         result = SimulationResult(history, self.server.state, Path(self.settings.run_dir), time.perf_counter() - start)
         write_outputs(result)
         return result
@@ -187,8 +212,9 @@ class DeploymentServer:
         self.store.close()
 
     def status(self) -> pb.StatusReply:
-        rounds = self.server.history.rounds
-        return pb.StatusReply(run_id=self.run_id, state=self.phase, round=self.server.round, total_rounds=self.rounds,
+        rounds, waiting = self.server.history.rounds, self.pool.waiting
+        state = f"waiting for clients: {waiting[0]} of {waiting[1]} connected" if waiting else self.phase
+        return pb.StatusReply(run_id=self.run_id, state=state, round=self.server.round, total_rounds=self.rounds,
                               connected_clients=self.pool.connected(), last_metrics=rounds[-1].metrics if rounds else {},
                               rejected_results=self.pool.rejected_count)
 
@@ -225,12 +251,13 @@ def deployment_privacy(cfg: SimulationConfig, settings: ServerSettings, strategy
     return setup
 
 
-def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progress: bool = False,
+def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progress: bool = False, resume: bool = False,
                   on_listening: Callable[[int], None] | None = None) -> SimulationResult:
     """Serve a built-in task (data set, model, strategy and robustness settings from `cfg`) until done.
 
     The [client] settings (local_epochs, batch_size, lr, momentum) are sent with every fit task, so all
-    clients train as configured here. `on_listening(port)` is called once the server listens.
+    clients train as configured here. `on_listening(port)` is called once the server listens. A restart on
+    the same run directory with the same configuration resumes the run; with `resume` it may also raise `rounds`.
     """
     if cfg.attack:
         raise ConfigError("attacks are simulated only; remove the [attack] section from the server config")
@@ -239,12 +266,12 @@ def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progr
     server = DeploymentServer(
         initial_model_state(task.model_fn, cfg.seed), task.strategy, rounds=cfg.rounds, settings=settings,
         clients_per_round=cfg.clients_per_round, fraction=cfg.fraction, min_clients=task.robust.min_clients,
-        eval_clients=cfg.eval_clients, central_eval=task.robust.central_eval,
+        eval_clients=cfg.eval_clients, max_examples=cfg.max_examples, central_eval=task.robust.central_eval,
         # secure aggregation hides individual updates, so the anomaly checks have nothing to screen
         anomaly_checks=None if privacy.protocol is not None else task.robust.anomaly_checks,
         transforms=privacy.transforms, protocol=privacy.protocol, sampler=privacy.sampler,
         fit_config={k: asdict(cfg)[k] for k in ("local_epochs", "batch_size", "lr", "momentum")},
-        seed=cfg.seed, meta={"config": cfg.to_dict(), "server": asdict(settings)},
+        seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
     )
     try:
         port = server.start()
