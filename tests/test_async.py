@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedlearn import Client, FedAdam, FedAvg, InProcessPool, RunStore, Server, TorchClient, Update
+from fedlearn import Client, FedAdam, FedAvg, InProcessPool, RoundFailedError, RunStore, Server, TorchClient, Update
 from fedlearn.data import federate, load_digits
 from fedlearn.server import ClientSampler
 from fedlearn.server.async_loop import AsyncServer, staleness_weight
@@ -149,6 +149,17 @@ def test_async_refuses_a_synchronous_store(tmp_path):
     with pytest.raises(ValueError, match="synchronous run"):
         _fedbuff(client_fn, data.client_ids, init, store)
 
+
+class BrokenClient(Client):
+    def fit(self, state, config) -> Update:
+        return Update(self.cid, config["round"], np.full(3, np.nan), 1)
+
+
+def test_a_run_whose_results_are_all_unusable_stops_with_the_reason():
+    pool = InProcessPool(BrokenClient, ["a", "b"])
+    server = AsyncServer(VirtualExecutor(pool, VirtualClock(Fleet())), FedAvg(), ZERO, buffer_size=2, concurrency=2)
+    with pytest.raises(RoundFailedError, match="results in a row were unusable after step 0.*non-finite"):
+        server.run(3)
 
 class _Claiming(ConstantClient):
     """Sends its constant delta with a claimed example count."""

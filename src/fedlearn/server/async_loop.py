@@ -31,7 +31,7 @@ from ..transforms.base import StopRun, Transform
 from ..types import Config, Failure, Metrics, State, Update
 from .anomaly import AnomalyChecks
 from .pool import ClientPool
-from .round_loop import CentralEval, History, RoundCallback
+from .round_loop import CentralEval, History, RoundCallback, RoundFailedError
 from .sampling import client_seed
 from .store import RoundRecord, RunStore
 from .validate import MAX_COUNT, capped, usable_problem
@@ -233,7 +233,13 @@ class AsyncServer:
         return {**self.strategy.configure_fit(rnd, cid), **settings, "round": rnd, "seed": seed}
 
     def _accept(self, task: Task, result: Update | Failure) -> None:
-        """Validate one result and buffer it with its staleness, or record why it was not used."""
+        """Validate one result and buffer it with its staleness, or record why it was not used. So many
+        unusable results without a step that no step is coming stop the run with `RoundFailedError`."""
+        limit = 10 * (self.buffer_size + self.concurrency)
+        if len(self._failures) >= limit:
+            reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in self._failures[-3:])
+            raise RoundFailedError(f"{len(self._failures)} results in a row were unusable after step {self.step} "
+                                   f"(last: {reasons})")
         if isinstance(result, Failure):
             self._failures.append(result)
             return
