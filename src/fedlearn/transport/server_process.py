@@ -7,6 +7,7 @@ the same run directory (with the same run id, so reconnecting clients carry on).
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -14,7 +15,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..audit.receipts import ReceiptIssuer
 from ..config import ConfigError, SimulationConfig, load_toml
+from ..dashboard import Dashboard, RunSnapshots
 from ..privacy import PrivacyConfig, PrivacySetup, build_privacy
 from ..progress import RoundProgress
 from ..server import ClientSampler, RunStore, Server
@@ -29,13 +32,13 @@ from ..transforms.base import Transform
 from ..types import Config, State
 from . import fedlearn_pb2 as pb
 from .channels import ServerTLS, start_server
-from .identity import AllowList
+from .identity import AllowList, write_private
 from .remote_pool import RemotePool
 from .service import Service
 
 log = logging.getLogger(__name__)
 
-_PATHS = ("run_dir", "certificate", "private_key", "client_ca", "allow_list")
+_PATHS = ("run_dir", "certificate", "private_key", "client_ca", "allow_list", "audit_key", "operator_token")
 
 
 @dataclass
@@ -46,6 +49,9 @@ class ServerSettings:
     `wait_for_clients` = 0 waits for as many clients as a round samples (1 when sampling a fraction); once
     `min_clients` are connected a round waits at most `proceed_after` seconds for the rest, then goes on with
     the clients it has. `wait_timeout` is how long it waits for `min_clients` before giving up.
+    `audit_key` is the Ed25519 key (PEM) that signs the audit log's tree heads (default: one made in the run
+    directory). `dashboard` = "127.0.0.1:PORT" serves the operator's live dashboard there, behind the token
+    in the file `operator_token` (default: `operator_token` in the run directory, made on first use).
     """
 
     address: str = "0.0.0.0:8443"
@@ -61,6 +67,9 @@ class ServerSettings:
     proceed_after: float = 30.0
     max_connections: int = 256
     handshake_timeout: float = 10.0
+    audit_key: str = ""
+    dashboard: str = ""
+    operator_token: str = ""
 
     def __post_init__(self) -> None:
         for name in ("round_deadline", "wait_timeout", "handshake_timeout", "proceed_after"):
@@ -132,12 +141,13 @@ class DeploymentServer:
             fraction = 1.0
         AllowList.load(settings.allow_list)  # fail now, not at the first connection
         self.settings, self.rounds = settings, rounds
-        self.store = RunStore(settings.run_dir)
+        self.store = RunStore(settings.run_dir, audit_key=settings.audit_key or None)
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex
         self.pool = RemotePool(self.run_id, round_deadline=settings.round_deadline,
                                min_available=settings.wait_for_clients or clients_per_round or 1,
                                min_clients=min_clients, proceed_after=settings.proceed_after,
-                               wait_timeout=settings.wait_timeout, fit_config=fit_config)
+                               wait_timeout=settings.wait_timeout, fit_config=fit_config,
+                               receipts=ReceiptIssuer(self.store.audit).bundle)
         self.server = Server(self.pool, strategy, initial_state,
                              sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
                              min_clients=min_clients, max_examples=max_examples,
@@ -154,6 +164,7 @@ class DeploymentServer:
         self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout)
         self.phase = "waiting"
         self._grpc = None
+        self.dashboard: Dashboard | None = None
         self._round_started = time.perf_counter()
 
     def start(self) -> int:
@@ -163,7 +174,25 @@ class DeploymentServer:
         log.info("event=listening address=%s port=%d run=%s tls=%s mutual_tls=%s resumed_at_round=%d",
                  self.settings.address, port, self.run_id, not self.settings.insecure, bool(self.settings.client_ca),
                  self.server.round)
+        if self.settings.dashboard:
+            host, _, dash_port = self.settings.dashboard.rpartition(":")
+            token_file = Path(self.settings.operator_token or Path(self.settings.run_dir) / "operator_token")
+            snapshots = RunSnapshots(self.settings.run_dir)
+            self.dashboard = Dashboard(lambda: {**snapshots(), "live": self.live_status()}, host=host or "127.0.0.1",
+                                       port=int(dash_port), token=operator_token(token_file))
+            self.dashboard.start()
+            log.info("event=dashboard url=http://%s:%d/?token=... token_file=%s", host or "127.0.0.1",
+                     self.dashboard.port, token_file)
         return port
+
+    def live_status(self) -> dict[str, Any]:
+        """What only the running server knows, for its dashboard: phase, connected clients, refused results."""
+        reply = self.status()
+        return {"phase": "finished" if self.phase == "finished" else reply.state, "round": reply.round,
+                "total_rounds": reply.total_rounds, "connected_clients": list(reply.connected_clients),
+                "rejected_results": reply.rejected_results,
+                "rejections": [{"client": r.client_id, "round": r.round, "reason": r.reason}
+                               for r in list(self.pool.rejections)[-50:]]}
 
     def run(self, show_progress: bool = False) -> SimulationResult:
         """Run the remaining rounds, tell the clients the run is over, and write the run directory.
@@ -192,6 +221,8 @@ class DeploymentServer:
         """Stop serving (open streams get `grace` seconds to finish) and close the run store."""
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.store.close()
 
     def status(self) -> pb.StatusReply:
@@ -210,6 +241,16 @@ class DeploymentServer:
                  stats.bytes_up if stats else 0, stats.max_train_seconds if stats else 0.0,
                  f"{m['test_accuracy']:.4f}" if "test_accuracy" in m else "-")
         self._round_started = now
+
+
+def operator_token(path: Path) -> str:
+    """The operator's dashboard token from `path`, made there (readable by its owner only) when missing."""
+    if not path.exists():
+        write_private(path, (secrets.token_urlsafe(32) + "\n").encode())
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise ConfigError(f"operator token in {path} is shorter than 16 characters")
+    return token
 
 
 def deployment_privacy(cfg: SimulationConfig, settings: ServerSettings, strategy: Strategy) -> PrivacySetup:
