@@ -1,7 +1,9 @@
 """fedlearn: federated learning with one round loop for simulation and deployment."""
 from .aggregators import make_aggregator
+from .audit.verify import verify_run
 from .client import Client
 from .config import ConfigError, SimulationConfig
+from .contributions import ContributionAccounting
 from .params import Layout, LayoutError
 from .privacy import CentralDP, LocalDP, gaussian_epsilon, noise_for_epsilon
 from .serialize import SerializationError, decode_state, decode_update, encode_state, encode_update
@@ -24,4 +26,5 @@ __all__ = [
     "FedAdagrad", "Scaffold", "FedNova", "make_strategy", "make_aggregator", "AnomalyChecks", "Transform",
     "CentralDP", "LocalDP", "noise_for_epsilon", "gaussian_epsilon",
     "simulate", "run_simulation", "SimulationResult", "SimulationConfig", "ConfigError",
+    "verify_run", "ContributionAccounting",
 ]
