@@ -16,7 +16,7 @@ from fedlearn.audit import AuditError, AuditLog, Receipt, check_extends, check_r
 from fedlearn.audit.log import KEY_FILE, load_or_create_key, public_hex
 from fedlearn.audit.verify import consistency, prove, verify_run
 from fedlearn.cli import main
-from fedlearn.server.store import RunStore
+from fedlearn.server.store import RoundEvidence, RunStore
 
 ROUNDS = 5
 
@@ -223,6 +223,9 @@ def test_round_and_record_commit_together(tmp_path: Path, monkeypatch: pytest.Mo
         store.commit_round(1, state, {}, {}, ["a"], [])
     monkeypatch.undo()
     assert store.last_round() == 0  # the round was rolled back with its record
+    with pytest.raises(ValueError):  # fails after the record was appended, inside the same transaction
+        store.commit_round(1, state, {}, {}, ["a"], [], evidence=RoundEvidence({"a": "0" * 64}, {"a": {"gtg": "x"}}))
+    assert store.last_round() == 0
     store.commit_round(1, state, {}, {}, ["a"], [])
     store.close()
     assert verify_run(tmp_path).ok and verify_run(tmp_path).size == 2
