@@ -134,8 +134,8 @@ def test_browser_shows_a_running_simulation(tmp_path: Path) -> None:
                 sync_api.expect(flagged).to_be_visible(timeout=60_000)
                 cells = flagged.locator("td").all_inner_texts()
                 assert cells[2] == "flagged" and "outlier" in cells[3], cells
-                page.wait_for_function(
-                    f"parseInt(document.querySelector('#card-round .value').textContent) > {first}", timeout=60_000)
+                sync_api.expect(round_card).not_to_have_text(f"{first} / 200", timeout=60_000)  # live update
+                assert int(round_card.inner_text().split("/")[0]) > first
                 assert sim.poll() is None, "the simulation ended before the page was checked live"
                 assert "✓" in page.locator("#card-audit .value").inner_text()
                 sync_api.expect(page.locator("#chart-accuracy svg polyline")).to_have_count(1)

@@ -151,7 +151,12 @@ async function poll() {
     if (response.status === 401) throw new Error("operator token required: open this page as /?token=…");
     const state = await response.json();
     if (state.error) throw new Error(state.error);
-    render(state);
+    if (state.waiting) {
+      $("status").textContent = "waiting for the run's first round";
+      $("status").className = "pill";
+    } else {
+      render(state);
+    }
   } catch (err) {
     const status = $("status");
     status.textContent = String(err.message || err);
