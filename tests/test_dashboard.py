@@ -87,6 +87,11 @@ def test_server_serves_assets_and_requires_the_token(finished: Path) -> None:
         status, body = get(base + "/api/state", "s3cret")
         assert status == 200 and json.loads(body)["audit"]["ok"]
         assert get(base + "/../run.sqlite")[0] == 404
+        assert get(base + "/metrics")[0] == 401
+        status, text = get(base + "/metrics", "s3cret")
+        metrics = dict(line.split() for line in text.decode().splitlines())
+        assert status == 200 and metrics["fedlearn_round"] == "4" and metrics["fedlearn_audit_log_verified"] == "1"
+        assert int(metrics["fedlearn_flagged_total"]) == json.loads(body)["flagged_total"] > 0
     finally:
         dashboard.stop()
 

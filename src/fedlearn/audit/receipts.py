@@ -71,9 +71,7 @@ def check_receipt(receipt: Receipt, *, client_id: str | None = None, public_key:
     except (merkle.ProofError, ValueError, TypeError) as exc:
         raise AuditError(f"receipt for round {receipt.record.get('round')}: {exc}") from None
     if client_id is not None:
-        named = set(receipt.record.get("accepted") or {}) | {
-            r.get("client") for r in receipt.record.get("refused") or [] if isinstance(r, dict)}
-        if client_id not in named:
+        if not names(receipt.record, client_id):
             raise AuditError(f"receipt for round {receipt.record.get('round')} does not name client {client_id!r}")
 
 
@@ -139,8 +137,8 @@ class ReceiptIssuer:
         head = self.log.latest_head(self.log.public_key)
         if head is None:
             return None
-        rows = self.log.records()[:head.size]
-        named = [(idx, json.loads(bytes(data))) for idx, _, data in rows if _names(json.loads(bytes(data)), client_id)]
+        records = [(idx, json.loads(bytes(data))) for idx, _, data in self.log.records()[:head.size]]
+        named = [(idx, record) for idx, record in records if names(record, client_id)]
         since = self._sent.get(client_id, named[-1][0] if named else 0)
         receipts = [Receipt(head, idx, record, self.log.inclusion(idx, head.size)).to_json()
                     for idx, record in named if idx >= since]
@@ -149,9 +147,11 @@ class ReceiptIssuer:
         return {"head": head.to_json(), "receipts": receipts, "from_size": since, "consistency": [p.hex() for p in proof]}
 
 
-def _names(record: dict[str, Any], client_id: str) -> bool:
-    return client_id in (record.get("accepted") or {}) or any(
-        isinstance(r, dict) and r.get("client") == client_id for r in record.get("refused") or [])
+def names(record: dict[str, Any], client_id: str) -> bool:
+    """True when an audit record lists the client among the accepted, refused or flagged."""
+    accepted, refused = record.get("accepted"), record.get("refused")
+    return (isinstance(accepted, dict) and client_id in accepted) or (isinstance(refused, list) and any(
+        isinstance(r, dict) and r.get("client") == client_id for r in refused))
 
 
 def accept_bundle(book: ReceiptBook, bundle: Any, client_id: str, public_key: str | None = None) -> list[Path]:

@@ -20,7 +20,7 @@ from typing import Any
 from ..server.store import RunStore
 from . import merkle
 from .log import AuditError, TreeHead, canonical
-from .receipts import Receipt, check_extends
+from .receipts import Receipt, check_extends, names
 from .record import digest
 
 
@@ -156,9 +156,8 @@ def prove(run_dir: str | Path, client_id: str, rnd: int) -> Receipt:
         receipt = Receipt(head, index, record, store.audit.inclusion(index, head.size))
     finally:
         store.close()
-    named = set(record.get("accepted") or {}) | {r.get("client") for r in record.get("refused") or []}
-    if client_id not in named:
-        raise AuditError(f"client {client_id!r} took no part in round {rnd} (its record names {len(named)} clients)")
+    if not names(record, client_id):
+        raise AuditError(f"client {client_id!r} took no part in round {rnd}")
     return receipt
 
 

@@ -1,5 +1,6 @@
-"""The dashboard's web server: the page and its assets from the package (no CDN, works offline) and one
-JSON endpoint, `/api/state`, that the page polls for live updates. Stdlib `http.server`, one thread per
+"""The dashboard's web server: the page and its assets from the package (no CDN, works offline), one
+JSON endpoint, `/api/state`, that the page polls for live updates, and `/metrics` (the same numbers in the
+Prometheus text format, for scraping). Stdlib `http.server`, one thread per
 request, listening on 127.0.0.1 unless told otherwise.
 
 With an operator token every request for data must carry it (`Authorization: Bearer TOKEN`); the page
@@ -74,12 +75,16 @@ class Dashboard:
                 if path in ASSETS:
                     name, kind = ASSETS[path]
                     self._send(200, _asset(name), kind)
-                elif path == "/api/state":
+                elif path in ("/api/state", "/metrics"):
                     if not authorized(self.headers.get("Authorization"), dashboard.token):
                         self._send(401, b'{"error": "operator token required"}', "application/json")
                         return
                     try:
-                        body = json.dumps(dashboard.source(), allow_nan=False).encode()
+                        state = dashboard.source()
+                        if path == "/metrics":
+                            self._send(200, prometheus_text(state).encode(), "text/plain; version=0.0.4")
+                            return
+                        body = json.dumps(state, allow_nan=False).encode()
                     except Exception as exc:  # a half-written run must not take the dashboard down
                         log.warning("dashboard snapshot failed: %s", exc)
                         body = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
@@ -101,6 +106,28 @@ class Dashboard:
                 log.debug("dashboard: " + format, *args)
 
         return Handler
+
+
+def prometheus_text(state: dict[str, Any]) -> str:
+    """The snapshot's headline numbers in the Prometheus text format, for operators who scrape."""
+    rounds = state.get("rounds") or []
+    last = rounds[-1] if rounds else {"round": 0, "metrics": {}}
+    epsilon = (state.get("privacy") or {}).get("epsilon") or []
+    audit = state.get("audit") or {}
+    values = {
+        "fedlearn_round": last["round"],
+        "fedlearn_failures_total": state.get("failures_total", 0),
+        "fedlearn_flagged_total": state.get("flagged_total", 0),
+        "fedlearn_audit_log_size": audit.get("size", 0),
+        "fedlearn_audit_log_verified": int(bool(audit.get("ok"))),
+        **({"fedlearn_epsilon": epsilon[-1][1]} if epsilon else {}),
+        **{f"fedlearn_{k}": v for k, v in last["metrics"].items()
+           if k in ("test_accuracy", "test_loss", "train_loss", "fed_accuracy", "fed_loss") and v is not None},
+    }
+    if state.get("live"):
+        values["fedlearn_connected_clients"] = len(state["live"].get("connected_clients") or [])
+        values["fedlearn_rejected_results_total"] = state["live"].get("rejected_results", 0)
+    return "".join(f"{name} {float(value):g}\n" for name, value in values.items())
 
 
 def serve_run(run_dir: str | Path, *, port: int = 8050, host: str = "127.0.0.1") -> None:
