@@ -230,3 +230,23 @@ def test_round_and_record_commit_together(tmp_path: Path, monkeypatch: pytest.Mo
     store.close()
     assert verify_run(tmp_path).ok and verify_run(tmp_path).size == 2
     assert public_hex(load_or_create_key(tmp_path / KEY_FILE)) == (tmp_path / "audit_public_key.txt").read_text().strip()
+
+
+def test_consistency_command_proves_the_log_extends_a_held_head(run: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    old = prove(run, next(iter(records(run)[1]["accepted"])), 1).head
+    held = tmp_path / "head.json"
+    # a head of 3 records, as a client would have kept it earlier in the run
+    conn = sqlite3.connect(run / "run.sqlite")
+    size, root, stamp, signature = conn.execute("SELECT size, root, timestamp_ms, signature FROM audit_heads "
+                                                "WHERE size = 3").fetchone()
+    conn.close()
+    earlier = type(old)(old.log_id, size, bytes(root).hex(), stamp, old.public_key, bytes(signature).hex())
+    held.write_text(json.dumps(earlier.to_json()))
+    assert main(["audit", "consistency", str(run), "--head", str(held)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    from fedlearn.audit.log import TreeHead
+    from fedlearn.audit.receipts import hashes
+
+    check_extends(earlier, TreeHead.from_json(out["head"]), hashes(out["proof"], "proof"))
+    assert main(["audit", "verify", str(run), "--head", str(held)]) == 0

@@ -61,7 +61,7 @@ def _verify(store: RunStore, external: list[TreeHead], pinned: str | None) -> Ve
     log_id = store.audit.log_id
     rows = store.audit.records()
     hashes = [merkle.leaf_hash(bytes(data)) for _, _, data in rows]
-    stored_rounds = {r: (model, participants) for r, model, participants in store.committed()}
+    stored_rounds = {r: (digest(model), participants) for r, model, participants in store.committed()}
     previous: dict[str, Any] | None = None
     for position, (idx, rnd, data) in enumerate(rows):
         if idx != position:
@@ -85,7 +85,7 @@ def _verify(store: RunStore, external: list[TreeHead], pinned: str | None) -> Ve
         if stored is None:
             problems.append(f"round {record.get('round')} has a record but no committed round in the store")
         else:
-            if digest(stored[0]) != record.get("model_after"):
+            if stored[0] != record.get("model_after"):
                 problems.append(f"the model stored for round {record['round']} is not the one its record hashes")
             if sorted(stored[1]) != sorted(record.get("accepted") or {}):
                 problems.append(f"the participants stored for round {record['round']} differ from its record")
