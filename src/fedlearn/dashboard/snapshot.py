@@ -29,7 +29,10 @@ class RunSnapshots:
         waiting = {"run_dir": str(self.run_dir), "waiting": True, "rounds": []}
         if not (self.run_dir / "run.sqlite").exists():
             return waiting
-        store = RunStore(self.run_dir, readonly=True)
+        try:
+            store = RunStore(self.run_dir, readonly=True)
+        except sqlite3.OperationalError as exc:  # a store still being created has no tables yet
+            return {**waiting, "note": str(exc)}
         try:
             if store.last_round() is None:
                 return waiting
