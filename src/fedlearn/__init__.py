@@ -1,8 +1,10 @@
 """fedlearn: federated learning with one round loop for simulation and deployment."""
 from .aggregators import make_aggregator
+from .audit.verify import verify_run
 from .client import Client
 from .compression import QSGD, Cast, RandomK, TopK
 from .config import ConfigError, SimulationConfig
+from .contributions import ContributionAccounting
 from .params import Layout, LayoutError
 from .privacy import CentralDP, LocalDP, gaussian_epsilon, noise_for_epsilon
 from .serialize import SerializationError, decode_state, decode_update, encode_state, encode_update
@@ -28,4 +30,5 @@ __all__ = [
     "simulate", "run_simulation", "SimulationResult", "SimulationConfig", "ConfigError",
     "AsyncServer", "AsyncSettings", "ThreadExecutor", "staleness_weight", "Fleet", "VirtualClock", "ClockedPool",
     "VirtualExecutor", "WirePool", "QSGD", "TopK", "RandomK", "Cast",
+    "verify_run", "ContributionAccounting",
 ]

@@ -13,6 +13,7 @@ import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,10 +237,11 @@ class RunStore:
             raise KeyError(f"round {rnd} is not in the run store {self.path}")
         return decode_state(row[0]), dict(decode_tensors(row[1])[0])
 
-    def committed(self) -> list[tuple[int, bytes, list[str]]]:
-        """(round, encoded model, participants) of every committed round, round 0 included, in order."""
-        return [(r, bytes(m), json.loads(p)) for r, m, p in
-                self._conn.execute("SELECT round, model, participants FROM rounds ORDER BY round")]
+    def committed(self) -> Iterator[tuple[int, bytes, list[str]]]:
+        """(round, encoded model, participants) of every committed round, round 0 included, in order; one
+        row at a time, so a long run of a large model is never all in memory."""
+        for r, m, p in self._conn.execute("SELECT round, model, participants FROM rounds ORDER BY round"):
+            yield r, bytes(m), json.loads(p)
 
     def contribution_ledger(self) -> dict[str, dict[str, tuple[float, int]]]:
         """Cumulative contributions: client -> method -> (sum of round scores, rounds scored)."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from ..audit.receipts import AUDIT_KEY, ReceiptBook, accept_bundle
 from ..client import Client, run_fit
 from ..compression import update_codec
 from ..params import Layout
@@ -136,6 +137,8 @@ def run_client(
     transforms: Sequence[Transform] = (),
     handlers: Mapping[str, Handler] | None = None,
     retry_for: float = 600.0,
+    receipts: ReceiptBook | None = None,
+    audit_key: str | None = None,
 ) -> str:
     """Serve `client` to the server at `server` (HOST:PORT) until the run is over; returns the server's reason.
 
@@ -143,8 +146,12 @@ def run_client(
     protocols (a protocol's `client_handlers()`), as in simulation. After a lost connection the client
     reconnects with backoff, and gives up with `ConnectionError` after `retry_for` seconds without one.
     A refusal raises `ClientRejected`.
+
+    With `receipts`, the audit receipts the server sends with each fit task are checked (signed by
+    `audit_key`, else the key first seen for the run) and kept there; a bad bundle fails that task with the
+    reason, so the server learns it and the client does not train for a server whose log does not add up.
     """
-    worker = _Worker(client, transforms, dict(handlers or {}))
+    worker = _Worker(client, transforms, dict(handlers or {}), receipts=receipts, audit_key=audit_key)
     if tls is None:
         warn_insecure()
     lost_since: float | None = None
@@ -189,6 +196,8 @@ class _Worker:
     handlers: dict[str, Handler]
     memory: dict[str, Any] = field(default_factory=dict)
     run_id: str = ""
+    receipts: ReceiptBook | None = None
+    audit_key: str | None = None
 
     def join(self, run_id: str) -> None:
         """Note the run of a new connection; a different run gets fresh protocol memory."""
@@ -200,6 +209,11 @@ class _Worker:
         start = time.perf_counter()
         if task.header.kind == pb.FIT:
             codec = update_codec(self.transforms, Layout.of(task.state))  # the model's dtype, or compressed
+            bundle = task.config.pop(AUDIT_KEY, None)
+            if bundle is not None and self.receipts is not None:
+                kept = accept_bundle(self.receipts, bundle, self.client.cid, self.audit_key)
+                log.info("event=audit_receipts client=%s round=%d kept=%d head_size=%d", self.client.cid,
+                         task.header.round, len(kept), bundle["head"]["size"])
             result, encode = run_fit(self.client, task.state, task.config, self.transforms), partial(encode_update, codec=codec)
         elif task.header.kind == pb.EVALUATE:
             result, encode = self.client.evaluate(task.state, task.config), encode_metrics

@@ -53,6 +53,10 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
     client.add_argument("--central-dp", action="store_true",
                         help="clip each update to the norm the server sends (needed when the server's [privacy] "
                              "sets dp_clip; the server adds the noise)")
+    client.add_argument("--receipts", type=Path, metavar="DIR",
+                        help="where to keep the audit receipts the server sends (default: CREDENTIALS/receipts)")
+    client.add_argument("--audit-key", metavar="HEX",
+                        help="the server's audit public key; default: trust the key first seen for the run")
     client.add_argument("--peer-keys", type=Path, metavar="ALLOWLIST",
                         help="check other clients' secure-aggregation signatures against this allow-list instead "
                              "of the keys the server announces, and defend against a malicious server: refuse "
@@ -134,6 +138,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     from .certs import ClientBundle
     from .client_factory import builtin_client, user_client
     from ..privacy.central import CentralDPClient
+    from ..audit.receipts import ReceiptBook
     from .client_process import ClientRejected, run_client
     from ..secagg.protocol import ClientPolicy
     from .secagg_handlers import load_peer_keys, secagg_handlers
@@ -159,7 +164,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     try:
         reason = run_client(client, args.server, identity=bundle.identity, tls=None if args.insecure else bundle.tls,
                             transforms=[CentralDPClient()] if args.central_dp else [], handlers=handlers,
-                            retry_for=args.retry_for)
+                            retry_for=args.retry_for, receipts=ReceiptBook(args.receipts or args.credentials / "receipts"),
+                            audit_key=args.audit_key)
     except (ClientRejected, ConnectionError) as exc:
         print(f"fedlearn: error: {exc}", file=sys.stderr)
         return 1

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..audit.receipts import ReceiptIssuer
 from ..config import ConfigError, SimulationConfig, load_toml
+from ..dashboard import Dashboard, RunSnapshots
 from ..privacy import PrivacyConfig, PrivacySetup, build_privacy
 from ..progress import RoundProgress
 from ..server import ClientSampler, RunStore, Server
@@ -36,7 +38,7 @@ from .service import Service
 
 log = logging.getLogger(__name__)
 
-_PATHS = ("run_dir", "certificate", "private_key", "client_ca", "allow_list", "operator_token")
+_PATHS = ("run_dir", "certificate", "private_key", "client_ca", "allow_list", "audit_key", "operator_token")
 
 
 @dataclass
@@ -50,6 +52,9 @@ class ServerSettings:
     `max_connections` authenticated clients are served at once; `max_unauthenticated` connections (at most
     `max_unauthenticated_per_peer` from one address) may take up to `handshake_timeout` seconds to
     authenticate. `operator_token` holds the SHA-256 of the token `fedlearn status --token` shows.
+    `audit_key` is the Ed25519 key (PEM) that signs the audit log's tree heads (default: one made in the run
+    directory). `dashboard` = "127.0.0.1:PORT" serves the operator's live dashboard there, behind the same
+    operator token.
     """
 
     address: str = "0.0.0.0:8443"
@@ -68,6 +73,8 @@ class ServerSettings:
     max_unauthenticated_per_peer: int = 8
     handshake_timeout: float = 10.0
     operator_token: str = "certs/operator.token.sha256"
+    audit_key: str = ""
+    dashboard: str = ""
 
     def __post_init__(self) -> None:
         for name in ("round_deadline", "wait_timeout", "handshake_timeout", "proceed_after"):
@@ -143,12 +150,13 @@ class DeploymentServer:
             fraction = 1.0
         AllowList.load(settings.allow_list)  # fail now, not at the first connection
         self.settings, self.rounds = settings, rounds
-        self.store = RunStore(settings.run_dir)
+        self.store = RunStore(settings.run_dir, audit_key=settings.audit_key or None)
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex
         self.pool = RemotePool(self.run_id, round_deadline=settings.round_deadline,
                                min_available=settings.wait_for_clients or clients_per_round or 1,
                                min_clients=min_clients, proceed_after=settings.proceed_after,
-                               wait_timeout=settings.wait_timeout, fit_config=fit_config)
+                               wait_timeout=settings.wait_timeout, fit_config=fit_config,
+                               receipts=ReceiptIssuer(self.store.audit).bundle)
         if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
             if protocol is not None or sampler is not None or eval_clients:
                 self.store.close()
@@ -182,6 +190,7 @@ class DeploymentServer:
                                operator_token=settings.operator_token or None)
         self.phase = "waiting"
         self._grpc = None
+        self.dashboard: Dashboard | None = None
         self._round_started = time.perf_counter()
 
     def start(self) -> int:
@@ -191,7 +200,28 @@ class DeploymentServer:
         log.info("event=listening address=%s port=%d run=%s tls=%s mutual_tls=%s resumed_at_round=%d",
                  self.settings.address, port, self.run_id, not self.settings.insecure, bool(self.settings.client_ca),
                  self.server.round)
+        if self.settings.dashboard:
+            if not self.settings.operator_token or not Path(self.settings.operator_token).is_file():
+                raise ConfigError(f"[server] dashboard needs the operator token's digest at operator_token "
+                                  f"({self.settings.operator_token!r}); `fedlearn certs` makes it")
+            host, _, dash_port = self.settings.dashboard.rpartition(":")
+            snapshots = RunSnapshots(self.settings.run_dir)
+            self.dashboard = Dashboard(lambda: {**snapshots(), "live": self.live_status()}, host=host or "127.0.0.1",
+                                       port=int(dash_port),
+                                       token_digest=Path(self.settings.operator_token).read_text().strip())
+            self.dashboard.start()
+            log.info("event=dashboard url=http://%s:%d/?token=OPERATOR_TOKEN", host or "127.0.0.1",
+                     self.dashboard.port)
         return port
+
+    def live_status(self) -> dict[str, Any]:
+        """What only the running server knows, for its dashboard: phase, connected clients, refused results."""
+        reply = self.status()
+        return {"phase": "finished" if self.phase == "finished" else reply.state, "round": reply.round,
+                "total_rounds": reply.total_rounds, "connected_clients": list(reply.connected_clients),
+                "rejected_results": reply.rejected_results,
+                "rejections": [{"client": r.client_id, "round": r.round, "reason": r.reason}
+                               for r in list(self.pool.rejections)[-50:]]}
 
     def run(self, show_progress: bool = False) -> SimulationResult:
         """Run the remaining rounds, tell the clients the run is over, and write the run directory.
@@ -220,6 +250,8 @@ class DeploymentServer:
         """Stop serving (open streams get `grace` seconds to finish) and close the run store."""
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.store.close()
 
     def status(self) -> pb.StatusReply:
