@@ -73,9 +73,11 @@ def test_snapshot_reports_a_tampered_log(finished: Path, tmp_path: Path) -> None
 
 
 def test_server_serves_assets_and_requires_the_token(finished: Path) -> None:
-    assert authorized(None, None) and authorized("Bearer s3cret", "s3cret")
-    assert not authorized(None, "s3cret") and not authorized("Bearer wrong", "s3cret") and not authorized("s3cret", "s3cret")
-    dashboard = Dashboard(RunSnapshots(finished), token_digest=hashlib.sha256(b"s3cret").hexdigest())
+    digest = hashlib.sha256(b"s3cret").hexdigest()  # the server holds only the token's digest
+    assert authorized(None, None) and authorized("Bearer s3cret", digest)
+    assert not authorized(None, digest) and not authorized("Bearer wrong", digest) and not authorized("s3cret", digest)
+    assert not authorized(f"Bearer {digest}", digest)  # the digest itself is no token
+    dashboard = Dashboard(RunSnapshots(finished), token_digest=digest)
     port = dashboard.start()
     try:
         base = f"http://127.0.0.1:{port}"
