@@ -16,6 +16,7 @@ TOML layout (every key optional)::
     [privacy]   dp_clip, dp_noise | target_epsilon, dp_delta, epsilon_budget, accountant, sampling, adaptive_clip,
                 local_dp_clip, local_dp_noise, secagg, ... (see `fedlearn.privacy.config`)
     [simulation] backend (sequential, vectorized, process, ray), ray_address (a Ray cluster; empty: local Ray)
+    [contributions] methods (gtg, loo, exact, cosine), metric, truncation, tolerance (empty: no accounting)
 """
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ class SimulationConfig:
     # simulation engine: where and how clients train (same results, different speed)
     backend: str = "sequential"
     ray_address: str = ""
+    # contribution accounting: ContributionAccounting settings; empty: off
+    contributions: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,6 +126,14 @@ class SimulationConfig:
             _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1]")
         _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         _check(not self.ray_address or self.backend == "ray", "ray_address needs backend 'ray'")
+        _check(isinstance(self.contributions, dict), "contribution settings must be a table of name = value")
+        if self.ray_address:
+            from .simulation.ray_pool import check_ray_address
+
+            try:
+                check_ray_address(self.ray_address)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,10 +148,10 @@ _RENAMES = {("model", "name"): "model", ("strategy", "name"): "strategy", ("aggr
             ("attack", "name"): "attack", ("attack", "fraction"): "attack_fraction",
             ("anomaly", "enabled"): "anomaly_checks"}
 _SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults", "aggregator", "attack", "anomaly", "privacy",
-             "simulation")
+             "simulation", "contributions")
 # Sections whose keys (other than those renamed above) are free-form parameters of the named plug-in.
 _PLUGIN_SECTIONS = {"strategy": "strategy_params", "aggregator": "aggregator_params", "attack": "attack_params",
-                    "anomaly": "anomaly_params", "privacy": "privacy"}
+                    "anomaly": "anomaly_params", "privacy": "privacy", "contributions": "contributions"}
 
 
 def load_toml(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -4,7 +4,8 @@ One loop for every client pool. Follow one update: `ClientPool.fit` returns it, 
 (and every value in it; the strategy's own `update_problem` what it needs), its example weight is capped at
 `max_examples`, the strategy's `accept_partial` decides on stragglers, transforms' `server` halves see it, the anomaly checks
 screen it (`anomaly.py`), `Strategy.aggregate` combines it, transforms' `finalize` halves adjust the aggregate,
-and `Strategy.apply` makes the new model.
+and `Strategy.apply` makes the new model. The store commits the round with its evidence: each accepted
+update's hash for the audit log and, with `contributions`, each client's contribution scores.
 
 Dispatch and aggregation go through the round's `RoundProtocol` (`protocol.py`): by default one fit exchange
 and `Strategy.aggregate`; secure aggregation runs its stages there as generic messages (`ClientPool.exchange`).
@@ -17,9 +18,12 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from ..audit.record import update_digest
+from ..contributions.accounting import ContributionAccounting
 from ..params import Layout
 from ..strategies.base import Strategy
 from ..transforms.base import StopRun, Transform
@@ -28,7 +32,7 @@ from .anomaly import AnomalyChecks
 from .pool import ClientPool
 from .protocol import RoundAborted, RoundProtocol
 from .sampling import ClientSampler, client_seed
-from .store import RoundRecord, RunStore
+from .store import RoundEvidence, RoundRecord, RunStore
 from .validate import MAX_COUNT, count_problem, metrics_problem, update_problem
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,7 @@ class Server:
         anomaly_checks: AnomalyChecks | None = None,
         protocol: RoundProtocol | None = None,
         max_examples: int | None = None,
+        contributions: ContributionAccounting | None = None,
     ) -> None:
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
@@ -87,25 +92,47 @@ class Server:
         self.params = self.layout.flatten(initial_state)
         self.min_clients, self.transforms = min_clients, list(transforms)
         self.central_eval, self.eval_clients = central_eval, eval_clients
-        self.store, self.seed, self.max_failed_rounds = store, seed, max_failed_rounds
-        self.anomaly_checks, self.max_examples = anomaly_checks, max_examples
+        self.store, self.seed, self.max_failed_rounds = None, seed, max_failed_rounds
+        self.anomaly_checks, self.max_examples, self.contributions = anomaly_checks, max_examples, contributions
         self.protocol = protocol or RoundProtocol()
         self.protocol.check(strategy)
+        for transform in self.transforms:
+            transform.check_chain(self.transforms, self.protocol)
         self.stop_reason = ""
         self.round = 0
         self.history = History()
         if store is not None:
-            self._restore_or_init(store, initial_state)
+            self.attach(store)
 
     @property
     def state(self) -> State:
         """The current global model."""
         return self.layout.unflatten(self.params)
 
-    def _restore_or_init(self, store: RunStore, initial_state: State) -> None:
+    def describe(self) -> dict[str, Any]:
+        """The settings that make this run what it is (for `RunStore.bind_config` when no config file does):
+        strategy and its scalar settings, model layout, sampling, transforms, protocol and checks."""
+        aggregator, optimizer = self.strategy.aggregator, self.strategy.server_optimizer
+        return {
+            "strategy": {"class": type(self.strategy).__qualname__, **_scalars(self.strategy),
+                         "client_config": self.strategy.client_config,
+                         "aggregator": {"name": getattr(aggregator, "__name__", type(aggregator).__qualname__),
+                                        **_scalars(aggregator)},
+                         "server_optimizer": {"class": type(optimizer).__qualname__, **_scalars(optimizer)}},
+            "model": {name: [list(v.shape), v.dtype.str] for name, v in self.state.items()},
+            "sampler": {"class": type(self.sampler).__qualname__, **_scalars(self.sampler)},
+            "min_clients": self.min_clients, "max_failed_rounds": self.max_failed_rounds, "seed": self.seed,
+            "max_examples": self.max_examples, "eval_clients": self.eval_clients,
+            "transforms": [t.name for t in self.transforms], "protocol": self.protocol.name,
+            "anomaly_checks": dataclasses.asdict(self.anomaly_checks) if self.anomaly_checks is not None else None,
+        }
+
+    def attach(self, store: RunStore) -> None:
+        """Commit every round to `store`, resuming the run it holds (or storing the initial model as round 0)."""
+        self.store = store
         last = store.last_round()
         if last is None:
-            store.commit_round(0, initial_state, self.strategy.state_dict(), {}, [], [])
+            store.commit_round(0, self.state, self.strategy.state_dict(), {}, [], [])
             return
         state, strategy_state = store.load_round(last)
         self.params = self.layout.flatten(state)
@@ -154,6 +181,7 @@ class Server:
         updates: list[Update] = []
         failures: list[Failure] = []
         note = ""
+        evidence = RoundEvidence()
         try:
             results = self.protocol.collect(self.pool, state, instructions, self.transforms)
             updates, failures = self._screen(results, instructions, rnd)
@@ -166,6 +194,9 @@ class Server:
             for f in failures:
                 log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
             if len(updates) >= self.min_clients:
+                evidence.update_hashes = {u.client_id: update_digest(u) for u in updates}
+                if self.contributions is not None:
+                    evidence.contributions = self.contributions.score(self.layout, self.params, updates, rnd)
                 self.strategy.begin_round(rnd, self.params)
                 delta = self.protocol.aggregate(self.pool, self.strategy, updates, rnd)
                 for transform in self.transforms:
@@ -181,16 +212,18 @@ class Server:
             note = f"round {rnd} aborted by the {self.protocol.name} protocol: {exc}"
         if note:
             log.warning(note)
-            updates = []
+            updates, evidence = [], RoundEvidence()
         metrics = self._round_metrics(updates, failures, cohort, rnd)
         for transform in self.transforms:
             metrics.update(transform.report(rnd))
         if note:
             metrics["round_failed"] = 1.0
+        if evidence.contributions:
+            metrics["contribution_evaluations"] = float(self.contributions.last_evaluations)
         record = RoundRecord(rnd, metrics, [u.client_id for u in updates], failures, note)
         if self.store is not None:
             self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures,
-                                    note)
+                                    note, evidence=evidence)
         self.round = rnd
         self.history.rounds.append(record)
         return record
@@ -270,3 +303,9 @@ class Server:
         weights = np.array([r.num_examples for r in results], dtype=np.float64)
         keys = set.intersection(*(set(r.metrics) for r in results)) - {"num_examples"}
         return {f"fed_{k}": float(np.average([r.metrics[k] for r in results], weights=weights)) for k in sorted(keys)}
+
+
+def _scalars(obj: object) -> dict[str, Any]:
+    """The public number, string and flag attributes of `obj` (its settings, not its arrays)."""
+    return {k: v for k, v in sorted(getattr(obj, "__dict__", {}).items())
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}

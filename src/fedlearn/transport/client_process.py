@@ -12,6 +12,7 @@ import logging
 import queue
 import random
 import time
+from functools import partial
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import grpc
 
 from ..client import Client, run_fit
+from ..compression import update_codec
+from ..params import Layout
 from ..messages import ClientSession, Handler, Message, decode_message, encode_message
 from ..serialize import SerializationError, decode_state, encode_update
 from ..transforms.base import Transform
@@ -106,9 +109,7 @@ class Connection:
 
     def sign(self, header: pb.ResultHeader) -> pb.ResultHeader:
         """(Re)compute the header's signature over its current fields."""
-        header.signature = self.identity.sign(result_message(
-            header.run_id, header.client_id, header.round, header.nonce, header.kind, header.payload_sha256,
-            header.error))
+        header.signature = self.identity.sign(result_message(header))
         return header
 
     def send_result(self, header: pb.ResultHeader, payload: bytes) -> int:
@@ -198,7 +199,8 @@ class _Worker:
         """The encoded result and the seconds of local work (encoding excluded)."""
         start = time.perf_counter()
         if task.header.kind == pb.FIT:
-            result, encode = run_fit(self.client, task.state, task.config, self.transforms), encode_update
+            codec = update_codec(self.transforms, Layout.of(task.state))  # the model's dtype, or compressed
+            result, encode = run_fit(self.client, task.state, task.config, self.transforms), partial(encode_update, codec=codec)
         elif task.header.kind == pb.EVALUATE:
             result, encode = self.client.evaluate(task.state, task.config), encode_metrics
         else:

@@ -25,6 +25,9 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
     server.add_argument("--config", type=Path, required=True, help="server.toml")
     server.add_argument("--address", help="HOST:PORT to listen on (overrides [server] address)")
     server.add_argument("--run-dir", help="run directory; restarting on the same one resumes the run")
+    server.add_argument("--resume", action="store_true",
+                        help="continue the run in the run directory for more rounds: the config may raise rounds "
+                             "and change nothing else")
     server.add_argument("--insecure", action="store_true", help="no TLS (plain text; a warning is logged)")
     server.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -101,7 +104,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     settings.insecure = settings.insecure or args.insecure
     print(f"fedlearn server: {cfg.dataset}, {cfg.strategy}, {cfg.rounds} rounds, run directory {settings.run_dir}")
     try:
-        result = serve_builtin(cfg, settings, show_progress=not args.quiet,
+        result = serve_builtin(cfg, settings, show_progress=not args.quiet, resume=args.resume,
                                on_listening=lambda port: print(f"listening on port {port}", flush=True))
     except (NotEnoughClientsError, RoundFailedError, OSError) as exc:
         print(f"fedlearn: error: {exc}", file=sys.stderr)

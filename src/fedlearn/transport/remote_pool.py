@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..compression import update_codec
 from ..params import Layout
 from ..messages import Message, decode_message, encode_message
 from ..serialize import SerializationError, decode_update, encode_state
@@ -62,6 +63,7 @@ class Task:
     deadline_seconds: float
     result_limit: int  # largest result payload accepted for this task
     session: "Session"
+    codec: Any = None  # how this task's update is packed (fit tasks)
     result: Update | EvalResult | Failure | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -173,6 +175,7 @@ class RemotePool(ClientPool):
         """Connected clients in natural order, after the bounded wait described in the class docstring."""
         start = next_log = time.monotonic()
         quorum_since: float | None = None
+        logged = -1  # the count of connected clients last logged: a change is logged at once
         with self._cond:
             try:
                 while (connected := len(self._sessions)) < self.min_available:
@@ -191,12 +194,12 @@ class RemotePool(ClientPool):
                                 f"at least min_clients = {self.min_clients} (and waits for {self.min_available}); "
                                 "start more clients or lower min_clients / wait_for_clients / clients_per_round")
                     self.waiting = (connected, self.min_available)
-                    if now >= next_log:
+                    if now >= next_log or connected != logged:
                         then = (f"proceeding_in={self.proceed_after - (now - quorum_since):.0f}s" if quorum_since
                                 else f"min_clients={self.min_clients}")
                         log.info("event=waiting_for_clients connected=%d wanted=%d %s", connected, self.min_available,
                                  then)
-                        next_log = now + self.log_every
+                        next_log, logged = now + self.log_every, connected
                     ends = [next_log, start + self.wait_timeout] if quorum_since is None else \
                         [next_log, quorum_since + self.proceed_after]
                     self._cond.wait(max(0.0, min(ends) - now))
@@ -213,8 +216,10 @@ class RemotePool(ClientPool):
         self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
     ) -> list[Update | Failure]:
         bodies = {cid: _Body(_round(c), encode_config({**self.fit_config, **c})) for cid, c in instructions.items()}
-        limit = RESULT_OVERHEAD + 8 * Layout.of(state).size  # a float64 delta
-        return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms]).values())
+        layout = Layout.of(state)
+        limit = RESULT_OVERHEAD + 8 * layout.size  # a float64 delta
+        codec = update_codec(transforms, layout)  # the server's choice, never the client's
+        return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms], codec=codec).values())
 
     def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
         bodies = {cid: _Body(_round(c), encode_config(c)) for cid, c in instructions.items()}
@@ -301,7 +306,7 @@ class RemotePool(ClientPool):
 
     # ----- internals
     def _dispatch(self, kind: int, state: State | None, bodies: dict[str, "_Body"], result_limit: int,
-                  transforms: list[str] | None, deadline: float | None = None) -> dict[str, Any]:
+                  transforms: list[str] | None, deadline: float | None = None, codec: Any = None) -> dict[str, Any]:
         """Send one task per client and wait for all results or the deadline; results keep `bodies`' order."""
         start = time.monotonic()
         deadline = deadline or self.round_deadline
@@ -322,7 +327,7 @@ class RemotePool(ClientPool):
                                                           f"{MAX_HEADER_BODY} bytes a task header may carry")
                 else:
                     task = Task(os.urandom(NONCE_BYTES), cid, body.round, kind, body.config, body.message, payload,
-                                digest, deadline, result_limit, session)
+                                digest, deadline, result_limit, session, codec)
                     self._pending[task.nonce] = task
                     tasks[cid] = task
                     session.put(task)
@@ -343,9 +348,7 @@ class RemotePool(ClientPool):
             return f"cross-run: result is for run {header.run_id!r}, this server runs {self.run_id!r}"
         if header.client_id != session.client_id:
             return f"claims to be client {header.client_id!r} on the authenticated connection of {session.client_id!r}"
-        signed = result_message(header.run_id, header.client_id, header.round, header.nonce, header.kind,
-                                header.payload_sha256, header.error)
-        if not verify(session.public_hex, header.signature, signed):
+        if not verify(session.public_hex, header.signature, result_message(header)):
             return f"forged: signature does not verify with the registered key of client {session.client_id!r}"
         return None
 
@@ -378,7 +381,7 @@ class RemotePool(ClientPool):
                 return EvalResult(cid, int(count), metrics)
             if task.kind == pb.EXCHANGE:
                 return decode_message(payload)
-            update = decode_update(payload)
+            update = decode_update(payload, codec=task.codec)
         except SerializationError as exc:
             return Failure(cid, "rejected", f"update rejected: {exc}")
         if update.client_id != cid or update.round != task.round:

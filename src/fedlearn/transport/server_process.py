@@ -19,6 +19,7 @@ from ..privacy import PrivacyConfig, PrivacySetup, build_privacy
 from ..progress import RoundProgress
 from ..server import ClientSampler, RunStore, Server
 from ..server.anomaly import AnomalyChecks
+from ..server.async_loop import AsyncServer, AsyncSettings, ThreadExecutor
 from ..server.protocol import RoundProtocol
 from ..server.round_loop import CentralEval
 from ..server.sampling import PoissonSampler
@@ -98,8 +99,11 @@ def load_server_config(path: str | Path) -> tuple[SimulationConfig, ServerSettin
 class DeploymentServer:
     """Serves a federated run to remote clients: `start()` listens, `run()` runs the rounds, `stop()` ends.
 
-    The arguments are those of `Server` (`max_examples` caps the example count, the aggregation weight, a
-    client may claim; None: no cap); a multi-exchange `protocol` (secure aggregation) runs its stages
+    The run directory belongs to `run_config` (default: `Server.describe()` and `rounds`): another
+    configuration is refused, and `resume` may raise only `rounds`. The other arguments are those of `Server`
+    (`max_examples` caps the example count, the aggregation weight, a client may claim; None: no cap); with
+    `asynchronous` settings the run is FedBuff (`AsyncServer`, `rounds` server steps) over the connected
+    clients, which may join and leave at any time. A multi-exchange `protocol` (secure aggregation) runs its stages
     through the pool, and each client process needs the protocol's `client_handlers()` (`run_client`; for
     secure aggregation `secagg_handlers`). `sampler` replaces the count / fraction sampler.
     """
@@ -123,26 +127,47 @@ class DeploymentServer:
         sampler: ClientSampler | PoissonSampler | None = None,
         fit_config: Config | None = None,
         seed: int = 0,
-        meta: dict[str, Any] | None = None,
+        run_config: dict[str, Any] | None = None,
+        resume: bool = False,
+        asynchronous: AsyncSettings | None = None,
     ) -> None:
         if clients_per_round is None and fraction is None:
             fraction = 1.0
         AllowList.load(settings.allow_list)  # fail now, not at the first connection
         self.settings, self.rounds = settings, rounds
         self.store = RunStore(settings.run_dir)
-        for key, value in (meta or {}).items():
-            self.store.set_meta(key, value)
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex
-        self.store.set_meta("run_id", self.run_id)
         self.pool = RemotePool(self.run_id, round_deadline=settings.round_deadline,
                                min_available=settings.wait_for_clients or clients_per_round or 1,
                                min_clients=min_clients, proceed_after=settings.proceed_after,
                                wait_timeout=settings.wait_timeout, fit_config=fit_config)
-        self.server = Server(self.pool, strategy, initial_state,
-                             sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
-                             min_clients=min_clients, max_examples=max_examples,
-                             transforms=transforms, central_eval=central_eval, eval_clients=eval_clients,
-                             store=self.store, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
+        if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
+            if protocol is not None or sampler is not None or eval_clients:
+                self.store.close()
+                raise ConfigError("asynchronous mode takes no round protocol (secure aggregation), sampler or "
+                                  "federated evaluation: clients train whenever they are connected and idle")
+            config = run_config or {"asynchronous": asdict(asynchronous), "strategy": type(strategy).__qualname__,
+                                    "rounds": rounds}
+        else:
+            self.server: Server | AsyncServer = Server(
+                self.pool, strategy, initial_state, sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
+                min_clients=min_clients, max_examples=max_examples, transforms=transforms, central_eval=central_eval,
+                eval_clients=eval_clients, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
+            config = run_config or {**self.server.describe(), "rounds": rounds}
+        try:
+            self.store.bind_config(config, resume=resume)
+        except ValueError:
+            self.store.close()
+            raise
+        self.store.set_meta("run_id", self.run_id)
+        self.store.set_meta("server", asdict(settings))
+        if asynchronous is not None:
+            self.server = AsyncServer(
+                ThreadExecutor(self.pool, self.pool.connected), strategy, initial_state, **asynchronous.server_args(),
+                transforms=transforms, anomaly_checks=anomaly_checks, central_eval=central_eval, store=self.store,
+                seed=seed)
+        else:
+            self.server.attach(self.store)
         self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout)
         self.phase = "waiting"
         self._grpc = None
@@ -226,12 +251,13 @@ def deployment_privacy(cfg: SimulationConfig, settings: ServerSettings, strategy
     return setup
 
 
-def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progress: bool = False,
+def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progress: bool = False, resume: bool = False,
                   on_listening: Callable[[int], None] | None = None) -> SimulationResult:
     """Serve a built-in task (data set, model, strategy and robustness settings from `cfg`) until done.
 
     The [client] settings (local_epochs, batch_size, lr, momentum) are sent with every fit task, so all
-    clients train as configured here. `on_listening(port)` is called once the server listens.
+    clients train as configured here. `on_listening(port)` is called once the server listens. A restart on
+    the same run directory with the same configuration resumes the run; with `resume` it may also raise `rounds`.
     """
     if cfg.attack:
         raise ConfigError("attacks are simulated only; remove the [attack] section from the server config")
@@ -245,7 +271,7 @@ def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progr
         anomaly_checks=None if privacy.protocol is not None else task.robust.anomaly_checks,
         transforms=privacy.transforms, protocol=privacy.protocol, sampler=privacy.sampler,
         fit_config={k: asdict(cfg)[k] for k in ("local_epochs", "batch_size", "lr", "momentum")},
-        seed=cfg.seed, meta={"config": cfg.to_dict(), "server": asdict(settings)},
+        seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
     )
     try:
         port = server.start()
