@@ -54,7 +54,7 @@ def python_process(args: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=TESTS)
 
 
-SERVER_TOML = """
+DIGITS_TOML = """
 seed = 0
 rounds = {rounds}
 [data]
@@ -78,7 +78,7 @@ round_deadline = 60
 
 def server_toml(rounds: int, clients: int, *, port: int = 0, privacy: str = "") -> str:
     """A server.toml for the built-in digits task, with credentials in `creds/` beside it."""
-    return SERVER_TOML.format(rounds=rounds, clients=clients, port=port, privacy=privacy)
+    return DIGITS_TOML.format(rounds=rounds, clients=clients, port=port, privacy=privacy)
 
 
 class ServerThread:
