@@ -54,6 +54,14 @@ def python_process(args: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=TESTS)
 
 
+SERVER_SECTION = """[server]
+address = "127.0.0.1:{port}"
+run_dir = "run"
+certificate = "creds/server.pem"
+private_key = "creds/server.key"
+allow_list = "creds/allowlist.txt"
+round_deadline = {deadline}
+"""
 DIGITS_TOML = """
 seed = 0
 rounds = {rounds}
@@ -66,14 +74,7 @@ eval_clients = 0
 [client]
 local_epochs = 1
 {privacy}
-[server]
-address = "127.0.0.1:{port}"
-run_dir = "run"
-certificate = "creds/server.pem"
-private_key = "creds/server.key"
-allow_list = "creds/allowlist.txt"
-round_deadline = 60
-"""
+""" + SERVER_SECTION.replace("{deadline}", "60")
 
 
 def server_toml(rounds: int, clients: int, *, port: int = 0, privacy: str = "") -> str:
@@ -250,15 +251,7 @@ local_epochs = 1
 [anomaly]
 enabled = false
 {sections}
-[server]
-address = "127.0.0.1:{port}"
-run_dir = "run"
-certificate = "creds/server.pem"
-private_key = "creds/server.key"
-allow_list = "creds/allowlist.txt"
-round_deadline = 30
-{server}
-"""
+""" + SERVER_SECTION.replace("{deadline}", "30") + "{server}\n"
 
 
 class Deployment:
