@@ -14,27 +14,7 @@ import pytest
 from fedlearn import FedAvg, RunStore, simulate
 from fedlearn.cli import main as fedlearn_main
 from fedlearn.transport import DeploymentServer, ServerSettings, certs
-from transport_support import TcpProxy, big_state, fedlearn_process, free_port, wait_for
-
-SERVER_TOML = """
-seed = 0
-rounds = {rounds}
-[data]
-dataset = "digits"
-num_clients = {clients}
-[sampling]
-clients_per_round = {clients}
-eval_clients = 0
-[client]
-local_epochs = 1
-[server]
-address = "127.0.0.1:{port}"
-run_dir = "run"
-certificate = "creds/server.pem"
-private_key = "creds/server.key"
-allow_list = "creds/allowlist.txt"
-round_deadline = 60
-"""
+from transport_support import TcpProxy, big_state, fedlearn_process, free_port, server_toml, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +27,7 @@ def creds(tmp_path_factory):
 def _server_config(folder: Path, creds: Path, *, rounds: int, clients: int, port: int, extra: str = "") -> Path:
     (folder / "creds").symlink_to(creds)
     path = folder / "server.toml"
-    path.write_text(SERVER_TOML.format(rounds=rounds, clients=clients, port=port) + extra)
+    path.write_text(server_toml(rounds, clients, port=port) + extra)
     return path
 
 

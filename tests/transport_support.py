@@ -54,6 +54,61 @@ def python_process(args: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=TESTS)
 
 
+SERVER_SECTION = """[server]
+address = "127.0.0.1:{port}"
+run_dir = "run"
+certificate = "creds/server.pem"
+private_key = "creds/server.key"
+allow_list = "creds/allowlist.txt"
+round_deadline = {deadline}
+"""
+DIGITS_TOML = """
+seed = 0
+rounds = {rounds}
+[data]
+dataset = "digits"
+num_clients = {clients}
+[sampling]
+clients_per_round = {clients}
+eval_clients = 0
+[client]
+local_epochs = 1
+{privacy}
+""" + SERVER_SECTION.replace("{deadline}", "60")
+
+
+def server_toml(rounds: int, clients: int, *, port: int = 0, privacy: str = "") -> str:
+    """A server.toml for the built-in digits task, with credentials in `creds/` beside it."""
+    return DIGITS_TOML.format(rounds=rounds, clients=clients, port=port, privacy=privacy)
+
+
+class ServerThread:
+    """`serve_builtin(cfg, settings)` in a thread: `start()` returns the port once it listens, `join()` the
+    run's result (None if it failed)."""
+
+    def __init__(self, cfg, settings) -> None:
+        self.outcome: dict = {}
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(cfg, settings))
+
+    def _serve(self, cfg, settings) -> None:
+        from fedlearn.transport.server_process import serve_builtin
+        try:
+            self.outcome["result"] = serve_builtin(
+                cfg, settings, on_listening=lambda port: (self.outcome.update(port=port), self._listening.set()))
+        finally:
+            self._listening.set()
+
+    def start(self, timeout: float = 30) -> int:
+        self._thread.start()
+        assert self._listening.wait(timeout) and "port" in self.outcome, "the server did not start listening"
+        return self.outcome["port"]
+
+    def join(self, timeout: float):
+        self._thread.join(timeout)
+        return None if self._thread.is_alive() else self.outcome.get("result")
+
+
 def mark_and_wait(cid: str, rnd: int, marker_dir: str, delay: float, slow_rounds: str) -> None:
     """Leave a marker file `<cid>-round<rnd>` in `marker_dir` (if given) when training starts, then wait
     `delay` seconds in the rounds listed in `slow_rounds` ("2,3"; every round when empty), so that a test
@@ -197,15 +252,7 @@ local_epochs = 1
 [anomaly]
 enabled = false
 {sections}
-[server]
-address = "127.0.0.1:{port}"
-run_dir = "run"
-certificate = "creds/server.pem"
-private_key = "creds/server.key"
-allow_list = "creds/allowlist.txt"
-round_deadline = 30
-{server}
-"""
+""" + SERVER_SECTION.replace("{deadline}", "30") + "{server}\n"
 
 
 class Deployment:

@@ -243,7 +243,10 @@ class RemotePool(ClientPool):
         deadline: float | None = None,
     ) -> dict[str, Message | Failure]:
         """One stage of a multi-exchange protocol: each client's handler for `message.kind` answers (see
-        `run_client(handlers=...)`). `state` travels along when the stage trains."""
+        `run_client(handlers=...)`). `state` travels along when the stage trains, and then `fit_config` is
+        merged into the stage's fit instructions (`meta["config"]`), as for a plain fit task."""
+        if state is not None:
+            messages = {cid: _with_fit_config(m, self.fit_config) for cid, m in messages.items()}
         bodies = {cid: _Body(_round(m.meta), b"", encode_message(m)) for cid, m in messages.items()}
         limit = max(MAX_REPLY_BYTES, RESULT_OVERHEAD + 16 * (Layout.of(state).size if state is not None else 0))
         return self._dispatch(pb.EXCHANGE, state, bodies, limit, [t.name for t in transforms] if state is not None
@@ -418,3 +421,11 @@ class RemotePool(ClientPool):
         log.info("event=dispatch round=%d kind=%s clients=%d seconds=%.3f bytes_down=%d bytes_up=%d "
                  "max_train_seconds=%.3f", rnd, stats.kind, stats.clients, seconds, stats.bytes_down,
                  stats.bytes_up, stats.max_train_seconds)
+
+
+def _with_fit_config(message: Message, fit_config: Config) -> Message:
+    """`message` with `fit_config` under its fit instructions (the round's own instructions win)."""
+    config = message.meta.get("config")
+    if not fit_config or not isinstance(config, dict):
+        return message
+    return Message(message.kind, message.tensors, {**message.meta, "config": {**fit_config, **config}})
