@@ -46,7 +46,7 @@ def test_toml_config_is_read_and_flags_override_it(tmp_path, capsys):
     (["--strategy", "nope"], "unknown strategy 'nope'"),
     (["--clients-per-round", "500"], "cannot sample 500 clients"),
     (["--config", "/nonexistent.toml"], "does not exist"),
-    (["--resume", "/nonexistent-run"], "holds no run store"),
+    (["--resume", "/nonexistent-run"], "/nonexistent-run does not exist"),
 ])
 def test_bad_values_give_one_clear_line(argv, message, capsys):
     assert main(["simulate", "--quiet", *argv]) == 2

@@ -21,7 +21,7 @@ from fedlearn.transport.client_process import _Worker
 from fedlearn.transport.identity import Identity
 from fedlearn.transport.remote_pool import RemotePool
 from fedlearn.transport.secagg_handlers import load_peer_keys, secagg_handlers
-from fedlearn.transport.server_process import deployment_privacy, load_server_config, serve_builtin
+from fedlearn.transport.server_process import deployment_privacy, load_server_config, serve_app
 from transport_support import fedlearn_process, wait_for
 
 CLIENTS, ROUNDS, KILLED, KILL_ROUND = 5, 3, "4", 3
@@ -85,7 +85,7 @@ def test_secure_aggregation_over_grpc_survives_a_client_killed_mid_training(tmp_
 
     def serve():
         try:
-            outcome["result"] = serve_builtin(cfg, settings, on_listening=lambda p: (outcome.update(port=p), listening.set()))
+            outcome["result"] = serve_app(cfg, settings, on_listening=lambda p: (outcome.update(port=p), listening.set()))
         finally:
             listening.set()
 

@@ -1,7 +1,9 @@
 """fedlearn: federated learning with one round loop for simulation and deployment."""
 from .aggregators import make_aggregator
+from .app import App, load_app
 from .client import Client
 from .config import ConfigError, SimulationConfig
+from .metrics import classification_metrics, weighted_mean_metrics
 from .params import Layout, LayoutError
 from .privacy import CentralDP, LocalDP, gaussian_epsilon, noise_for_epsilon
 from .serialize import SerializationError, decode_state, decode_update, encode_state, encode_update
@@ -24,4 +26,5 @@ __all__ = [
     "FedAdagrad", "Scaffold", "FedNova", "make_strategy", "make_aggregator", "AnomalyChecks", "Transform",
     "CentralDP", "LocalDP", "noise_for_epsilon", "gaussian_epsilon",
     "simulate", "run_simulation", "SimulationResult", "SimulationConfig", "ConfigError",
+    "App", "load_app", "classification_metrics", "weighted_mean_metrics",
 ]

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-dir", type=Path, help="where to write the run (default runs/<time>)")
     sim.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last committed round")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    deployment.add_app_flags(sim)
     sim.add_argument("--threads", type=int, default=1,
                      help="torch threads per process (default 1: faster for small models, see README)")
     for flag, dest, kind, help_text in _SIM_FLAGS:
@@ -132,6 +133,9 @@ def _simulation_settings(args: argparse.Namespace) -> dict[str, Any]:
                if getattr(args, f"privacy_{key}") is not None}
     if privacy:
         flags["privacy"] = {**values.get("privacy", {}), **privacy}
+    app = deployment.app_settings(args, values)
+    if app:
+        flags["app"] = app
     if "fraction" in flags and "clients_per_round" not in flags:
         values["clients_per_round"] = None
     if "clients_per_round" in flags and "fraction" not in flags:
@@ -159,11 +163,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         split = {"synthetic": f"{config.num_clients} devices (natural split)",
                  "femnist": "writers as clients (natural split)", "leaf": "users as clients (natural split)",
                  }.get(config.dataset, f"{config.num_clients} clients ({config.partition})")
-        print(f"fedlearn: {config.dataset}, {split}, "
-              f"{config.strategy}{robust}, {config.rounds} rounds, seed {config.seed}", flush=True)
+        task = f"app {config.app['factory']}" if config.app else f"{config.dataset}, {split}, {config.strategy}"
+        print(f"fedlearn: {task}{robust}, {config.rounds} rounds, seed {config.seed}", flush=True)
     result = simulate(config, run_dir=run_dir, resume=resume, show_progress=not args.quiet)
     last = result.history.last
-    print(f"final test accuracy: {last.get('test_accuracy', float('nan')):.4f}  "
+    print(f"final test accuracy: {result.accuracy:.4f}  "
           f"(test loss {last.get('test_loss', float('nan')):.4f}, {result.seconds:.1f}s)")
     if "dp_epsilon" in last:
         print(f"privacy spent: epsilon {last['dp_epsilon']:.3f} over {int(last['dp_rounds'])} noised rounds")

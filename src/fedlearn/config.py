@@ -16,6 +16,8 @@ TOML layout (every key optional)::
     [privacy]   dp_clip, dp_noise | target_epsilon, dp_delta, epsilon_budget, accountant, sampling, adaptive_clip,
                 local_dp_clip, local_dp_noise, secagg, ... (see `fedlearn.privacy.config`)
     [simulation] backend (sequential, vectorized, process, ray), ray_address (a Ray cluster; empty: local Ray)
+    [app]       factory = "package.module:make_app" (your task instead of [data], [model], [strategy], [client]),
+                dir (folder to import it from, relative to the file), then the factory's keyword arguments
 """
 from __future__ import annotations
 
@@ -84,6 +86,8 @@ class SimulationConfig:
     # simulation engine: where and how clients train (same results, different speed)
     backend: str = "sequential"
     ray_address: str = ""
+    # the user's app (`fedlearn.app.app_from_settings`): factory, dir, factory arguments; empty: built-in task
+    app: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,6 +124,9 @@ class SimulationConfig:
             _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1]")
         _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         _check(not self.ray_address or self.backend == "ray", "ray_address needs backend 'ray'")
+        _check(isinstance(self.app, dict), "app settings must be a table of name = value")
+        _check(not self.app or isinstance(self.app.get("factory"), str),
+               '[app] needs factory = "package.module:function"')
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,10 +141,10 @@ _RENAMES = {("model", "name"): "model", ("strategy", "name"): "strategy", ("aggr
             ("attack", "name"): "attack", ("attack", "fraction"): "attack_fraction",
             ("anomaly", "enabled"): "anomaly_checks"}
 _SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults", "aggregator", "attack", "anomaly", "privacy",
-             "simulation")
+             "simulation", "app")
 # Sections whose keys (other than those renamed above) are free-form parameters of the named plug-in.
 _PLUGIN_SECTIONS = {"strategy": "strategy_params", "aggregator": "aggregator_params", "attack": "attack_params",
-                    "anomaly": "anomaly_params", "privacy": "privacy"}
+                    "anomaly": "anomaly_params", "privacy": "privacy", "app": "app"}
 
 
 def load_toml(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -165,6 +172,11 @@ def load_toml(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict[st
             flat[key] = value
     if "fraction" in flat and "clients_per_round" not in flat:
         flat["clients_per_round"] = None
+    app_dir = flat.get("app", {}).get("dir")
+    if isinstance(app_dir, str) and not Path(app_dir).is_absolute():
+        flat["app"]["dir"] = str(Path(path).parent / app_dir)
+    elif "app" in flat and app_dir is None:
+        flat["app"]["dir"] = str(Path(path).parent)
     return flat
 
 

@@ -88,3 +88,22 @@ class Layout:
             shapes=tuple(tuple(int(x) for x in s) for s in raw["shapes"]),
             dtypes=tuple(raw["dtypes"]),
         )
+
+
+def layout_difference(expected: Layout, got: Layout, *, here: str = "the server's model",
+                      there: str = "the client's model") -> str | None:
+    """None when `got` equals `expected`; else a sentence naming the first parameter where they differ
+    (by position: name, shape or dtype), or the first one only one of them has."""
+    for i, (name, shape, dtype, g_name, g_shape, g_dtype) in enumerate(zip(
+            expected.names, expected.shapes, expected.dtypes, got.names, got.shapes, got.dtypes)):
+        if name != g_name:
+            return f"parameter #{i} is {name!r} in {here} but {g_name!r} in {there}"
+        if shape != g_shape:
+            return f"parameter {name!r} has shape {shape} in {here} but {g_shape} in {there}"
+        if dtype != g_dtype:
+            return f"parameter {name!r} has dtype {np.dtype(dtype)} in {here} but {np.dtype(g_dtype)} in {there}"
+    if len(expected.names) > len(got.names):
+        return f"parameter {expected.names[len(got.names)]!r} of {here} is missing in {there}"
+    if len(got.names) > len(expected.names):
+        return f"{there} has parameter {got.names[len(expected.names)]!r}, which {here} lacks"
+    return None

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..metrics import MetricAggregation, weighted_mean_metrics
 from ..params import Layout
 from ..strategies.base import Strategy
 from ..transforms.base import StopRun, Transform
-from ..types import EvalResult, Failure, Metrics, State, Update
+from ..types import Config, EvalResult, Failure, Metrics, State, Update
 from .anomaly import AnomalyChecks
 from .pool import ClientPool
 from .protocol import RoundProtocol
@@ -39,15 +40,25 @@ class RoundFailedError(RuntimeError):
 
 @dataclass
 class History:
-    """Metrics of every completed round."""
+    """Every completed round of a run, in order: `rounds[i]` is a `RoundRecord` (round number, metrics,
+    participants, failures with reasons). The metric names are listed in `fedlearn.metrics`
+    (``test_accuracy`` for the server's evaluation, ``fed_accuracy`` for the clients', ...)."""
 
     rounds: list[RoundRecord] = field(default_factory=list)
 
     def metric(self, name: str) -> list[float]:
-        return [r.metrics[name] for r in self.rounds if name in r.metrics]
+        """The values of metric `name` over the rounds that recorded it, in round order. A name no round
+        recorded raises `KeyError` listing the names that exist."""
+        values = [r.metrics[name] for r in self.rounds if name in r.metrics]
+        if not values and self.rounds:
+            known = sorted({k for r in self.rounds for k in r.metrics})
+            raise KeyError(f"no round recorded metric {name!r}; recorded metrics: {', '.join(known)} "
+                           "(names are listed in fedlearn.metrics)")
+        return values
 
     @property
     def last(self) -> dict[str, float]:
+        """The metrics of the last completed round (empty before the first)."""
         return self.rounds[-1].metrics if self.rounds else {}
 
 
@@ -70,6 +81,8 @@ class Server:
         max_failed_rounds: int = 3,
         anomaly_checks: AnomalyChecks | None = None,
         protocol: RoundProtocol | None = None,
+        fit_config: Config | None = None,
+        evaluate_metrics: MetricAggregation = weighted_mean_metrics,
     ) -> None:
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
@@ -82,6 +95,7 @@ class Server:
         self.central_eval, self.eval_clients = central_eval, eval_clients
         self.store, self.seed, self.max_failed_rounds = store, seed, max_failed_rounds
         self.anomaly_checks = anomaly_checks
+        self.fit_config, self.evaluate_metrics = dict(fit_config or {}), evaluate_metrics
         self.protocol = protocol or RoundProtocol()
         self.protocol.check(strategy)
         self.stop_reason = ""
@@ -139,7 +153,7 @@ class Server:
         settings = {k: v for transform in self.transforms for k, v in transform.configure(rnd).items()}
         cohort = self.sampler.sample(self.pool.client_ids, rnd)
         instructions = {
-            cid: {**self.strategy.configure_fit(rnd, cid), **settings, "round": rnd,
+            cid: {**self.fit_config, **self.strategy.configure_fit(rnd, cid), **settings, "round": rnd,
                   "seed": client_seed(self.seed, rnd, cid)}
             for cid in cohort
         }
@@ -225,9 +239,4 @@ class Server:
         rng = np.random.default_rng([self.seed, rnd, 1])
         chosen = [ids[i] for i in np.sort(rng.choice(len(ids), size=min(self.eval_clients, len(ids)), replace=False))]
         results = [r for r in self.pool.evaluate(state, {c: {"round": rnd} for c in chosen}) if isinstance(r, EvalResult)]
-        results = [r for r in results if r.num_examples > 0]
-        if not results:
-            return {}
-        weights = np.array([r.num_examples for r in results], dtype=np.float64)
-        keys = set.intersection(*(set(r.metrics) for r in results)) - {"num_examples"}
-        return {f"fed_{k}": float(np.average([r.metrics[k] for r in results], weights=weights)) for k in sorted(keys)}
+        return {f"fed_{k}": float(v) for k, v in self.evaluate_metrics(results).items()}

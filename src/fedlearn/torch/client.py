@@ -62,6 +62,12 @@ class TorchClient(Client):
         load_state(self._model, state)
         return self._model
 
+    def model_layout(self) -> Layout:
+        """The layout of `model_fn()`'s state."""
+        if self._model is None:
+            self._model = self.model_fn()
+        return Layout.of(state_of(self._model))
+
     def sgd_settings(self, config: Config) -> dict[str, Any]:
         """This round's `train_local` settings: local defaults overridden by the server's `config`, plus the
         pool's ``work_fraction`` and the strategy's ``proximal_mu``."""

@@ -20,19 +20,21 @@ import grpc
 
 from ..client import Client, run_fit
 from ..messages import ClientSession, Handler, Message, decode_message, encode_message
+from ..params import Layout
 from ..serialize import SerializationError, decode_state, encode_update
 from ..transforms.base import Transform
 from ..types import Config, State, Update
 from . import fedlearn_pb2 as pb
 from .channels import ClientTLS, open_channel, warn_insecure
 from .identity import Identity, check_client_id, hello_message, result_message
-from .wire import CONNECT_METHOD, KIND_NAMES, MAX_TEXT, PROTOCOL, WireError, chunks, collect, decode_config, encode_metrics
+from .wire import (CONNECT_METHOD, KIND_NAMES, MAX_TEXT, PROTOCOL, WireError, chunks, collect, decode_config,
+                   encode_metrics, layout_specs)
 
 log = logging.getLogger(__name__)
 
 MAX_MODEL_BYTES = 1 << 31
 MIN_BACKOFF, MAX_BACKOFF = 0.25, 4.0  # seconds between reconnection attempts
-_REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+_REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class ClientRejected(RuntimeError):
@@ -56,13 +58,14 @@ class Connection:
     can also send what a faulty or hostile client would."""
 
     def __init__(self, channel: grpc.Channel, client_id: str, identity: Identity,
-                 transforms: Sequence[str] = ()) -> None:
+                 transforms: Sequence[str] = (), model: Layout | None = None) -> None:
         self.client_id, self.identity = check_client_id(client_id), identity
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         method = channel.stream_stream(CONNECT_METHOD, request_serializer=None,
                                        response_deserializer=pb.ServerMessage.FromString)
         self._call = method(iter(self._outbox.get, None))
-        self.send(pb.ClientMessage(hello=pb.Hello(protocol=PROTOCOL, client_id=client_id, transforms=transforms)))
+        self.send(pb.ClientMessage(hello=pb.Hello(protocol=PROTOCOL, client_id=client_id, transforms=transforms,
+                                                  model=layout_specs(model) if model is not None else [])))
         challenge = self.expect("challenge").challenge
         self.run_id = challenge.run_id
         signature = identity.sign(hello_message(self.run_id, client_id, challenge.nonce))
@@ -144,6 +147,7 @@ def run_client(
     A refusal raises `ClientRejected`.
     """
     worker = _Worker(client, transforms, dict(handlers or {}))
+    layout = client.model_layout()  # the server refuses a different model at once, naming the parameter
     if tls is None:
         warn_insecure()
     lost_since: float | None = None
@@ -152,7 +156,7 @@ def run_client(
         channel = open_channel(server, tls)
         connection = None
         try:
-            connection = Connection(channel, client.cid, identity, [t.name for t in transforms])
+            connection = Connection(channel, client.cid, identity, [t.name for t in transforms], layout)
             log.info("event=registered client=%s server=%s run=%s", client.cid, server, connection.run_id)
             worker.join(connection.run_id)
             lost_since, backoff = None, MIN_BACKOFF

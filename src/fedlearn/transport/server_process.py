@@ -2,7 +2,8 @@
 the run store so that a server killed at any moment resumes from its last committed round when restarted on
 the same run directory (with the same run id, so reconnecting clients carry on).
 
-`DeploymentServer` is the Python API for any model; `serve_builtin` runs a built-in task from server.toml.
+`DeploymentServer` is the Python API for any model; `serve_app` runs an app (or a built-in task, which is
+an app too) with the run settings of server.toml.
 """
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ from ..server.protocol import RoundProtocol
 from ..server.round_loop import CentralEval
 from ..server.sampling import PoissonSampler
 from ..server.store import RoundRecord
-from ..simulate import SimulationResult, builtin_task, initial_model_state, write_outputs
+from ..app import App
+from ..metrics import MetricAggregation, weighted_mean_metrics
+from ..params import Layout
+from ..simulate import SimulationResult, task_app, write_outputs
+from ..simulation.robustness import robustness_setup
 from ..strategies import Strategy
 from ..transforms.base import Transform
 from ..types import Config, State
@@ -117,6 +122,7 @@ class DeploymentServer:
         protocol: RoundProtocol | None = None,
         sampler: ClientSampler | PoissonSampler | None = None,
         fit_config: Config | None = None,
+        evaluate_metrics: MetricAggregation = weighted_mean_metrics,
         seed: int = 0,
         meta: dict[str, Any] | None = None,
     ) -> None:
@@ -131,13 +137,15 @@ class DeploymentServer:
         self.store.set_meta("run_id", self.run_id)
         self.pool = RemotePool(self.run_id, round_deadline=settings.round_deadline,
                                min_available=settings.wait_for_clients or clients_per_round or 1,
-                               wait_timeout=settings.wait_timeout, fit_config=fit_config)
+                               wait_timeout=settings.wait_timeout)
         self.server = Server(self.pool, strategy, initial_state,
                              sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
                              min_clients=min_clients,
                              transforms=transforms, central_eval=central_eval, eval_clients=eval_clients,
-                             store=self.store, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
-        self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout)
+                             store=self.store, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol,
+                             fit_config=fit_config, evaluate_metrics=evaluate_metrics)
+        self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout,
+                               model_layout=Layout.of(initial_state))
         self.phase = "waiting"
         self._grpc = None
         self._round_started = time.perf_counter()
@@ -213,26 +221,28 @@ def deployment_privacy(cfg: SimulationConfig, settings: ServerSettings, strategy
     return setup
 
 
-def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progress: bool = False,
-                  on_listening: Callable[[int], None] | None = None) -> SimulationResult:
-    """Serve a built-in task (data set, model, strategy and robustness settings from `cfg`) until done.
-
-    The [client] settings (local_epochs, batch_size, lr, momentum) are sent with every fit task, so all
-    clients train as configured here. `on_listening(port)` is called once the server listens.
+def serve_app(cfg: SimulationConfig, settings: ServerSettings, app: App | None = None, *,
+              show_progress: bool = False, on_listening: Callable[[int], None] | None = None) -> SimulationResult:
+    """Serve a task until done: `app`, else the one `cfg.app` names ([app] in server.toml, --app), else the
+    built-in task of `cfg` (an ordinary app too). `cfg` supplies the run settings (rounds, sampling,
+    robust aggregation, anomaly checks, privacy); the app's `fit_config` is sent with every fit task, so
+    all clients train as configured here. Clients whose model differs from the app's are refused when
+    they connect, with the first differing parameter. `on_listening(port)` is called once listening.
     """
     if cfg.attack:
         raise ConfigError("attacks are simulated only; remove the [attack] section from the server config")
-    task = builtin_task(cfg)
-    privacy = deployment_privacy(cfg, settings, task.strategy)
+    app = task_app(cfg, app)
+    population = len(AllowList.load(settings.allow_list).keys)
+    robust = robustness_setup(cfg, app, population)
+    privacy = deployment_privacy(cfg, settings, robust.strategy)
     server = DeploymentServer(
-        initial_model_state(task.model_fn, cfg.seed), task.strategy, rounds=cfg.rounds, settings=settings,
-        clients_per_round=cfg.clients_per_round, fraction=cfg.fraction, min_clients=task.robust.min_clients,
-        eval_clients=cfg.eval_clients, central_eval=task.robust.central_eval,
+        app.initial(cfg.seed), robust.strategy, rounds=cfg.rounds, settings=settings,
+        clients_per_round=cfg.clients_per_round, fraction=cfg.fraction, min_clients=robust.min_clients,
+        eval_clients=cfg.eval_clients, central_eval=robust.app.central_eval, evaluate_metrics=app.evaluate_metrics,
         # secure aggregation hides individual updates, so the anomaly checks have nothing to screen
-        anomaly_checks=None if privacy.protocol is not None else task.robust.anomaly_checks,
+        anomaly_checks=None if privacy.protocol is not None else robust.anomaly_checks,
         transforms=privacy.transforms, protocol=privacy.protocol, sampler=privacy.sampler,
-        fit_config={k: asdict(cfg)[k] for k in ("local_epochs", "batch_size", "lr", "momentum")},
-        seed=cfg.seed, meta={"config": cfg.to_dict(), "server": asdict(settings)},
+        fit_config=app.fit_config, seed=cfg.seed, meta={"config": cfg.to_dict(), "server": asdict(settings)},
     )
     try:
         port = server.start()

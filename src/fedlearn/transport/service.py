@@ -15,16 +15,21 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from ..params import Layout, layout_difference
 from . import fedlearn_pb2 as pb
 from .identity import AllowList, IdentityError, hello_message, verify
 from .remote_pool import RemotePool, Session, Task
-from .wire import SERVICE, WireError, chunks, collect, decode_client_message
+from .wire import SERVICE, WireError, chunks, collect, decode_client_message, layout_of_hello
 
 log = logging.getLogger(__name__)
 
 
 class Refused(Exception):
     """A connection that failed authentication; the message is sent to the client."""
+
+
+class ModelMismatch(Exception):
+    """An authenticated client whose model differs from the server's; the message names the parameter."""
 
 
 class _Counted:
@@ -46,9 +51,9 @@ class Service:
     """gRPC handlers for `RemotePool`; `status` builds the reply of the Status call."""
 
     def __init__(self, pool: RemotePool, allow_list: str | os.PathLike, status: Callable[[], pb.StatusReply], *,
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0, model_layout: Layout | None = None) -> None:
         self.pool, self.allow_list, self.status_reply = pool, allow_list, status
-        self.handshake_timeout = handshake_timeout
+        self.handshake_timeout, self.model_layout = handshake_timeout, model_layout
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -79,6 +84,9 @@ class Service:
         except Refused as exc:
             log.warning("event=refused peer=%s reason=%r", peer, str(exc))
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except ModelMismatch as exc:
+            log.warning("event=model_mismatch peer=%s reason=%r", peer, str(exc))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (grpc.RpcError, StopIteration):
             pass  # the client went away; detach below fails its open tasks
         finally:
@@ -102,6 +110,11 @@ class Service:
         proof = _expect(messages, "proof").proof
         if not verify(keys[cid], proof.signature, hello_message(self.pool.run_id, cid, challenge)):
             raise Refused(f"client {cid!r} failed authentication: its signature does not match its registered key")
+        client_layout = layout_of_hello(hello)
+        if self.model_layout is not None and client_layout is not None:
+            problem = layout_difference(self.model_layout, client_layout, there=f"client {cid!r}'s model")
+            if problem is not None:
+                raise ModelMismatch(f"model mismatch: {problem}; client and server must build the same model")
         return Session(cid, keys[cid], list(hello.transforms), peer, context.cancel)
 
     def _serve(self, session: Session, messages: _Counted) -> Iterator[pb.ServerMessage]:
