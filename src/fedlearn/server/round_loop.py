@@ -11,6 +11,7 @@ and `Strategy.aggregate`; secure aggregation runs its stages there as generic me
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -149,6 +150,7 @@ class Server:
 
     def run_round(self, rnd: int) -> RoundRecord:
         """One complete round, committed to the store; a failed round (too few usable updates) keeps the model."""
+        started = time.perf_counter()
         state = self.state
         settings = {k: v for transform in self.transforms for k, v in transform.configure(rnd).items()}
         cohort = self.sampler.sample(self.pool.client_ids, rnd)
@@ -190,6 +192,7 @@ class Server:
         record = RoundRecord(rnd, metrics, [u.client_id for u in updates], failures, note)
         if self.store is not None:
             self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures)
+        record.seconds = time.perf_counter() - started
         self.round = rnd
         self.history.rounds.append(record)
         return record

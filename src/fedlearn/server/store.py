@@ -40,6 +40,7 @@ class RoundRecord:
     participants: list[str]
     failures: list[Failure] = field(default_factory=list)
     note: str = ""
+    seconds: float = 0.0  # wall-clock time of the round (read back: the time since the previous commit)
 
 
 class RunStore:
@@ -103,9 +104,10 @@ class RunStore:
     def history(self) -> list[RoundRecord]:
         """Every committed round after round 0, in order."""
         rows = self._conn.execute(
-            "SELECT round, metrics, participants, failures FROM rounds WHERE round > 0 ORDER BY round"
+            "SELECT round, metrics, participants, failures, committed_at FROM rounds ORDER BY round"
         ).fetchall()
         return [
-            RoundRecord(r, json.loads(m), json.loads(p), [Failure(*f) for f in json.loads(fl)])
-            for r, m, p, fl in rows
+            RoundRecord(r, json.loads(m), json.loads(p), [Failure(*f) for f in json.loads(fl)],
+                        seconds=max(0.0, at - previous[4]))
+            for previous, (r, m, p, fl, at) in zip(rows, rows[1:])
         ]
