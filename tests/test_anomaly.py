@@ -107,3 +107,14 @@ def test_flagged_updates_are_excluded_stored_counted_and_summarised(tmp_path, ca
     assert "norm outlier" in stored[0].reason
     print_flagged(result.history.rounds)
     assert "clients flagged in several rounds (1): c5 (3 rounds)" in capsys.readouterr().out
+
+
+def test_a_client_claiming_far_more_examples_than_the_round_is_flagged_as_a_weight_outlier():
+    deltas = honest_crowd(10)
+    updates = [Update(f"c{i}", 1, d, n) for i, (d, n) in enumerate(zip(deltas, [5, 40, 12, 9, 30, 20, 8, 15, 25, 7]))]
+    assert AnomalyChecks().screen(updates, D)[1] == []  # honest counts spread over a factor of eight
+    updates[4].num_examples = 100_000  # an ordinary update that claims 6,700 times the median count
+    kept, flagged = AnomalyChecks().screen(updates, D)
+    [flag] = flagged
+    assert flag.client_id == "c4" and flag.reason.startswith("weight outlier: claims 1e+05 examples")
+    assert len(kept) == 9

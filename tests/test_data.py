@@ -126,20 +126,20 @@ def test_quantity_skew_sizes_vary_strongly():
 
 
 @pytest.mark.parametrize(
-    "call",
+    "call, message",
     [
-        lambda rng: iid(10, 0, rng),
-        lambda rng: iid(10, 11, rng),
-        lambda rng: dirichlet(LABELS, 5, 0.0, rng),
-        lambda rng: dirichlet(LABELS, 20, 1.0, rng, min_size=4),
-        lambda rng: dirichlet(LABELS.reshape(6, 10), 5, 1.0, rng),
-        lambda rng: shards(LABELS, 31, rng, shards_per_client=2),
-        lambda rng: shards(LABELS, 5, rng, shards_per_client=0),
-        lambda rng: quantity_skew(10, 3, rng, sigma=-1.0),
+        (lambda rng: iid(10, 0, rng), "num_clients must be at least 1; got 0"),
+        (lambda rng: iid(10, 11, rng), "cannot give 11 clients 1 sample"),
+        (lambda rng: dirichlet(LABELS, 5, 0.0, rng), "alpha must be positive"),
+        (lambda rng: dirichlet(LABELS, 20, 1.0, rng, min_size=4), "cannot give 20 clients 4 sample"),
+        (lambda rng: dirichlet(LABELS.reshape(6, 10), 5, 1.0, rng), r"labels must be a 1-D array; got shape \(6, 10\)"),
+        (lambda rng: shards(LABELS, 31, rng, shards_per_client=2), "cannot give 31 clients 2 sample"),
+        (lambda rng: shards(LABELS, 5, rng, shards_per_client=0), "shards_per_client must be at least 1"),
+        (lambda rng: quantity_skew(10, 3, rng, sigma=-1.0), "sigma must be non-negative"),
     ],
 )
-def test_partitioners_reject_bad_arguments(call):
-    with pytest.raises(ValueError):
+def test_partitioners_reject_bad_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
         call(np.random.default_rng(0))
 
 
@@ -196,22 +196,23 @@ def test_from_arrays_casts_and_splits():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, message",
     [
-        dict(x=np.zeros((5, 2)), y=np.zeros(4)),  # length mismatch
-        dict(x=np.zeros((4, 2)), y=[0, 1, -1, 0]),  # negative label
-        dict(x=np.zeros((4, 2)), y=[0, 1, 0.5, 0]),  # non-integer label
-        dict(x=np.zeros((4, 2)), y=["a", "b", "a", "b"]),  # not numbers
-        dict(x=np.zeros((4, 2)), y=[0, 1, 2, 3], num_classes=3),  # label out of range
-        dict(x=np.zeros((4, 2)), y=np.zeros((4, 2))),  # one-hot labels
-        dict(x=np.zeros(4), y=[0, 1, 0, 1]),  # 1-D features
-        dict(x=np.zeros((4, 2)), y=[0, 1, 0, 1], x_test=np.zeros((2, 2))),  # x_test without y_test
-        dict(x=np.zeros((4, 2)), y=[0, 1, 0, 1], x_test=np.zeros((2, 3)), y_test=[0, 1]),  # shape
-        dict(x=np.zeros((4, 2)), y=[0, 1, 0, 1], test_size=1.5),
+        (dict(x=np.zeros((5, 2)), y=np.zeros(4)), "x has 5 samples but y has 4 labels"),
+        (dict(x=np.zeros((4, 2)), y=[0, 1, -1, 0]), r"class indices in \[0, num_classes\); found -1"),
+        (dict(x=np.zeros((4, 2)), y=[0, 1, 0.5, 0]), "must be integer class indices; got dtype float64"),
+        (dict(x=np.zeros((4, 2)), y=["a", "b", "a", "b"]), "must be integer class indices; got dtype <U1"),
+        (dict(x=np.zeros((4, 2)), y=[0, 1, 2, 3], num_classes=3), r"labels must lie in \[0, 3\); found label 3"),
+        (dict(x=np.zeros((4, 2)), y=np.zeros((4, 2))), "1-D class indices \\(not one-hot\\)"),
+        (dict(x=np.zeros(4), y=[0, 1, 0, 1]), r"must have shape \(n_samples, \*features\); got \(4,\)"),
+        (dict(x=np.zeros((4, 2)), y=[0, 1, 0, 1], x_test=np.zeros((2, 2))), "give both x_test and y_test, or neither"),
+        (dict(x=np.zeros((4, 2)), y=[0, 1, 0, 1], x_test=np.zeros((2, 3)), y_test=[0, 1]),
+         r"test samples have shape \(3,\) but training samples \(2,\)"),
+        (dict(x=np.zeros((4, 2)), y=[0, 1, 0, 1], test_size=1.5), r"test_size must be in \(0, 1\); got 1.5"),
     ],
 )
-def test_from_arrays_rejects_bad_input(kwargs):
-    with pytest.raises(ValueError):
+def test_from_arrays_rejects_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         from_arrays(**kwargs)
 
 
@@ -225,7 +226,7 @@ def test_from_torch_dataset_materialises_pairs():
     assert data.input_shape == (3, 4) and data.num_classes == 3 and data.name == "torch"
     assert len(data.y_train) + len(data.y_test) == 30
     assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"dataset\[0\] must be an \(x, y\) pair; got Tensor"):
         from_torch_dataset([torch.zeros(2)] * 4)
 
 
@@ -359,24 +360,28 @@ def test_load_leaf_json_applies_x_transform(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content",
+    "content, message",
     [
-        "{not json",
-        json.dumps({"users": ["u"], "num_samples": [1]}),  # no user_data
-        json.dumps({"user_data": {}, "num_samples": []}),  # no users
-        json.dumps({"users": ["u"], "num_samples": [1], "user_data": {}}),  # user without data
-        json.dumps({"users": ["u"], "num_samples": [2], "user_data": {"u": {"x": [[1.0]], "y": [0, 1]}}}),
-        json.dumps({"users": ["u"], "num_samples": [3], "user_data": {"u": {"x": [[1.0]], "y": [0]}}}),
-        json.dumps({"users": ["u"], "num_samples": [1], "user_data": {"u": {"x": [[1.0]]}}}),
-        json.dumps({"users": ["u"], "num_samples": [1], "user_data": {"u": {"x": [[1.0]], "y": [0.5]}}}),
-        json.dumps({"users": ["u"], "num_samples": 1, "user_data": {"u": {"x": [[1.0]], "y": [0]}}}),
-        json.dumps({"users": ["u"], "user_data": {"u": {"x": 1.0, "y": 0}}}),
+        ("{not json", "is not valid JSON"),
+        (json.dumps({"users": ["u"], "num_samples": [1]}), "a LEAF file is an object with keys"),  # no user_data
+        (json.dumps({"user_data": {}, "num_samples": []}), "a LEAF file is an object with keys"),  # no users
+        (json.dumps({"users": ["u"], "num_samples": [1], "user_data": {}}), "user 'u' needs an entry"),
+        (json.dumps({"users": ["u"], "num_samples": [2], "user_data": {"u": {"x": [[1.0]], "y": [0, 1]}}}),
+         "user 'u' has 1 x rows but 2 labels"),
+        (json.dumps({"users": ["u"], "num_samples": [3], "user_data": {"u": {"x": [[1.0]], "y": [0]}}}),
+         "user 'u' has 1 samples but num_samples says 3"),
+        (json.dumps({"users": ["u"], "num_samples": [1], "user_data": {"u": {"x": [[1.0]]}}}), "user 'u' needs an entry"),
+        (json.dumps({"users": ["u"], "num_samples": [1], "user_data": {"u": {"x": [[1.0]], "y": [0.5]}}}),
+         "y of client 'u' must be integer class indices"),
+        (json.dumps({"users": ["u"], "num_samples": 1, "user_data": {"u": {"x": [[1.0]], "y": [0]}}}),
+         "'users' and 'num_samples' must be lists"),
+        (json.dumps({"users": ["u"], "user_data": {"u": {"x": 1.0, "y": 0}}}), "'x' and 'y' of user 'u' must be lists"),
     ],
 )
-def test_load_leaf_json_rejects_malformed_files(tmp_path, content):
+def test_load_leaf_json_rejects_malformed_files(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         load_leaf_json(path)
 
 

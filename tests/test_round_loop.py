@@ -161,3 +161,59 @@ def test_fedprox_beats_fedavg_with_90_percent_stragglers_on_synthetic():
         load_state(model, result.final_state)
         losses[name] = evaluate_model(model, x_all, y_all)["loss"]
     assert losses["fedprox"] < 0.8 * losses["fedavg"], losses
+
+
+class _Claims(Client):
+    """Sends a +1 update carrying the given (possibly hostile) example count, metrics and partial flag."""
+
+    def __init__(self, cid, num_examples=10, metrics=None, partial=False):
+        super().__init__(cid)
+        self.num_examples, self.metrics, self.partial = num_examples, metrics or {}, partial
+
+    def fit(self, state, config):
+        return Update(self.cid, int(config["round"]), np.ones(3), self.num_examples, self.metrics, self.partial)
+
+
+@pytest.mark.parametrize("claim, reason", [
+    ({"num_examples": 10**400}, "num_examples must be in [1, 2**53], got an integer of 1329 bits"),
+    ({"num_examples": 2**53 + 1}, "num_examples must be in [1, 2**53]"),
+    ({"num_examples": 0}, "num_examples must be in [1, 2**53], got 0"),
+    ({"num_examples": True}, "num_examples must be an integer, got bool"),
+    ({"num_examples": 12.5}, "num_examples must be an integer, got float 12.5"),
+    ({"num_examples": "x"}, "num_examples must be an integer, got str 'x'"),
+    ({"metrics": {"train_loss": float("nan")}}, "metric 'train_loss' must be finite, got nan"),
+    ({"metrics": {"train_loss": 10**400}}, "metric 'train_loss' must be finite"),
+    ({"metrics": {"train_loss": "low"}}, "metric 'train_loss' must be a number, got str"),
+    ({"metrics": {f"m{i}": 1.0 for i in range(65)}}, "65 metrics exceed the limit of 64"),
+    ({"partial": "yes"}, "partial must be true or false"),
+])
+def test_a_hostile_value_rejects_only_its_senders_update(claim, reason):
+    clients = {"good": _Claims("good"), "bad": _Claims("bad", **claim)}
+    result = run_simulation(clients.__getitem__, ["good", "bad"], initial_state=OrderedDict(w=np.zeros(3)),
+                            rounds=1, anomaly_checks=None)
+    [record] = result.history.rounds
+    assert record.participants == ["good"]
+    [failure] = record.failures
+    assert failure.client_id == "bad" and failure.kind == "rejected" and reason in failure.reason
+    np.testing.assert_array_equal(result.final_state["w"], 1.0)
+
+
+def test_max_examples_caps_a_claimed_count_at_its_fedavg_weight():
+    clients = {"a": _Claims("a", num_examples=10), "b": _Claims("b", num_examples=10**15)}
+    clients["b"].fit = lambda state, config: Update("b", int(config["round"]), np.full(3, 50.0), 10**15)
+    result = run_simulation(clients.__getitem__, ["a", "b"], initial_state=OrderedDict(w=np.zeros(3)), rounds=1,
+                            anomaly_checks=None, max_examples=30)
+    np.testing.assert_allclose(result.final_state["w"], (10 * 1 + 30 * 50) / 40)  # not ~50: b weighs 30, not 1e15
+
+
+def test_fednova_rejects_an_update_without_its_step_count_instead_of_failing_the_round():
+    from fedlearn import FedNova
+
+    clients = {"a": _Claims("a", metrics={"steps": 2.0}), "b": _Claims("b", metrics={"steps": float("inf")}),
+               "c": _Claims("c")}
+    result = run_simulation(clients.__getitem__, ["a", "b", "c"], initial_state=OrderedDict(w=np.zeros(3)),
+                            strategy=FedNova(), rounds=1, anomaly_checks=None)
+    [record] = result.history.rounds
+    assert record.participants == ["a"]
+    reasons = {f.client_id: f.reason for f in record.failures}
+    assert "must be finite" in reasons["b"] and "FedNova needs metrics['steps']" in reasons["c"]

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from fedlearn import InProcessPool, simulate
+from fedlearn import InProcessPool, Update, simulate
 from fedlearn.aggregators import make_aggregator
 from fedlearn.messages import Message, decode_message, encode_message, from_bytes
 from fedlearn.privacy import CentralDP, SampledGaussian
@@ -15,13 +15,15 @@ from fedlearn.secagg import keys, prg, shamir
 from fedlearn.secagg.graph import neighbours
 from fedlearn.secagg.protocol import ADVERTISE, MASKED, SHARE, UNMASK
 from fedlearn.server import ClientSampler, Server
+from fedlearn.server.protocol import RoundAborted
 from fedlearn.strategies import make_strategy
 from vector_clients import VectorClient, known_delta, zero_state
 
 DIM = 2000
 
 
-def secagg_server(n: int, config: SecAggConfig, *, dim: int = DIM, failing: dict | None = None, transforms=()):
+def secagg_server(n: int, config: SecAggConfig, *, dim: int = DIM, failing: dict | None = None, transforms=(),
+                  noise: float = 0.0):
     """A server over n vector clients with secure aggregation; `failing` maps stage -> client ids whose
     handler for that stage raises (the client vanished there)."""
     ids = [str(i) for i in range(n)]
@@ -29,7 +31,7 @@ def secagg_server(n: int, config: SecAggConfig, *, dim: int = DIM, failing: dict
     handlers = SecAggClient(identities.sign, identities.registry).handlers()
     for stage, gone in (failing or {}).items():
         handlers[stage] = _vanishing(handlers[stage], set(gone))
-    protocol = SecAggProtocol(config, identities.registry, seed=1)
+    protocol = SecAggProtocol(config, identities.registry, seed=1, noise=noise)
     pool = InProcessPool(lambda cid: VectorClient(cid, dim), ids, handlers=handlers)
     server = Server(pool, make_strategy("fedavg"), zero_state(dim), sampler=ClientSampler(fraction=1.0),
                     protocol=protocol, anomaly_checks=None, transforms=transforms)
@@ -153,13 +155,16 @@ def test_sparse_graph_recovers_from_dropouts():
     assert np.abs(protocol.last_sum - plain_sum(included)).max() <= n * SecAggConfig().quantizer(n).step
 
 
-def test_fewer_than_threshold_survivors_abort_and_leave_the_model_unchanged():
+def test_fewer_than_threshold_survivors_abort_the_round_not_the_run():
     n = 12  # threshold 7 of 12
     server, _ = secagg_server(n, SecAggConfig(graph="full"), failing={MASKED: {str(i) for i in range(6)}})
     before = server.params.copy()
-    with pytest.raises(SecAggAbort, match="fewer than the secure-aggregation threshold 7.*unchanged"):
-        server.run(1)
-    assert np.array_equal(server.params, before) and server.round == 0
+    [record] = server.run(1).rounds
+    assert issubclass(SecAggAbort, RoundAborted)
+    assert np.array_equal(server.params, before) and server.round == 1
+    assert record.metrics["round_failed"] == 1.0 and record.participants == []
+    assert "aborted by the secagg protocol" in record.note
+    assert "only 6 clients completed secagg/masked, fewer than the 7 secure aggregation needs" in record.note
 
 
 def test_a_stalled_client_cannot_hang_the_round():
@@ -193,9 +198,8 @@ def _advertised(n: int):
     identities = Identities.generate(ids)
     client = SecAggClient(identities.sign, identities.registry)
     pool = InProcessPool(lambda cid: VectorClient(cid, DIM), ids, handlers=client.handlers())
-    plan = {"round": 1, "cohort_size": n, "threshold": n // 2 + 1, "clip_range": 1.0, "levels": 1000,
-            "consistency_check": True}
-    replies = pool.exchange({c: Message(ADVERTISE, meta={**plan, "neighbours": [d for d in ids if d != c]}) for c in ids})
+    plan = SecAggProtocol(SecAggConfig(graph="full"), identities.registry).plan(1, ids)
+    replies = pool.exchange({c: Message(ADVERTISE, meta=plan.to_meta()) for c in ids})
     return ids, pool, replies
 
 
@@ -212,9 +216,10 @@ def test_clients_refuse_a_swapped_key_advertisement():
 
 def test_clients_refuse_unsafe_plans_and_out_of_order_stages():
     ids, pool, _ = _advertised(4)
-    low = {"round": 1, "cohort_size": 4, "threshold": 2, "clip_range": 1.0, "levels": 1000,
-           "consistency_check": True, "neighbours": ["1", "2", "3"]}
-    assert "unsafe threshold" in pool.exchange({"0": Message(ADVERTISE, meta=low)})["0"].reason
+    plan = SecAggProtocol(SecAggConfig(graph="full"), {}).plan(1, ids).to_meta()
+    for unsafe, why in [({"threshold": 2}, "unsafe threshold"), ({"quorum": 2}, "unsafe consistency quorum"),
+                        ({"cohort": ["1", "2", "3"]}, "leaves this client out"), ({"levels": 2**31}, "overflow")]:
+        assert why in pool.exchange({"0": Message(ADVERTISE, meta={**plan, **unsafe})})["0"].reason
     skipped = pool.exchange({"1": Message(UNMASK, meta={"round": 1, "survivors": ids})})["1"]
     assert "before the survivor set was confirmed" in skipped.reason
 
@@ -250,3 +255,125 @@ def test_simulate_with_secure_aggregation_learns_like_the_plain_run():
     secure = simulate({**base, "privacy": {"secagg": True, "secagg_graph": "full"}})
     assert secure.accuracy > 0.85  # IID clients of equal size: the unweighted mean is FedAvg's weighted one
     assert abs(secure.accuracy - plain.accuracy) < 0.02
+
+
+# no metadata in the clear; the influence checks
+
+class LossClient(VectorClient):
+    """Reports a loss and an example count of its own, so a leak or a wrong sum shows."""
+
+    def fit(self, state, config):
+        update = super().fit(state, config)
+        return Update(self.cid, update.round, update.delta, 10 + int(self.cid), {"train_loss": 0.1 * int(self.cid)})
+
+
+def test_the_server_sees_no_example_counts_or_metrics_only_their_sums(monkeypatch):
+    n = 8
+    ids = [str(i) for i in range(n)]
+    identities = Identities.generate(ids)
+    pool = InProcessPool(lambda cid: LossClient(cid, DIM), ids,
+                         handlers=SecAggClient(identities.sign, identities.registry).handlers())
+    protocol = SecAggProtocol(SecAggConfig(graph="full"), identities.registry)
+    server = Server(pool, make_strategy("fedavg"), zero_state(DIM), sampler=ClientSampler(fraction=1.0),
+                    protocol=protocol, anomaly_checks=None)
+    seen = []
+    original = InProcessPool.exchange
+
+    def spy(self, messages, **kwargs):
+        replies = original(self, messages, **kwargs)
+        seen.extend(r for r in replies.values() if isinstance(r, Message))
+        return replies
+
+    monkeypatch.setattr(InProcessPool, "exchange", spy)
+    [record] = server.run(1).rounds
+    masked = [r for r in seen if r.kind == MASKED]
+    assert len(masked) == n
+    assert all(set(r.meta) == {"round", "partial"} and set(r.tensors) == {"masked"} for r in masked)
+    assert not any("num_examples" in r.meta or "metrics" in r.meta for r in seen)
+    losses = [0.1 * i for i in range(n)]
+    assert protocol.last_metrics["train_loss"] == pytest.approx(sum(losses), abs=n * 1e4 * 2 / 2**29)
+    assert record.metrics["train_loss"] == pytest.approx(np.mean(losses), abs=1e-3)
+
+
+def _inflated(handler, cid: str, offset: np.ndarray):
+    """Client `cid` adds `offset` to its masked input: it skipped clipping, or forged its encoding."""
+    def handle(session, message):
+        reply = handler(session, message)
+        if session.cid == cid:
+            reply.tensors["masked"] = reply.tensors["masked"] + offset
+        return reply
+    return handle
+
+
+def _attacked_round(offset: np.ndarray, transforms=()):
+    n = 10
+    ids = [str(i) for i in range(n)]
+    identities = Identities.generate(ids)
+    handlers = SecAggClient(identities.sign, identities.registry).handlers()
+    handlers[MASKED] = _inflated(handlers[MASKED], "3", offset)
+    protocol = SecAggProtocol(SecAggConfig(graph="full"), identities.registry)
+    server = Server(InProcessPool(lambda cid: VectorClient(cid, DIM), ids, handlers=handlers), make_strategy("fedavg"),
+                    zero_state(DIM), sampler=ClientSampler(fraction=1.0), protocol=protocol, anomaly_checks=None,
+                    transforms=transforms)
+    [record] = server.run(1).rounds
+    return server, record
+
+
+def test_a_client_that_skips_clipping_is_caught_by_the_sum_norm_check():
+    """The attack of issue 11: one of 10 clients moves the mean by 0.9 per coordinate (9x a clipped client)."""
+    n, clip = 10, 1.0
+    step = SecAggConfig().quantizer(n).step
+    offset = np.zeros(DIM + len(SecAggConfig().fields), dtype=np.uint32)
+    offset[:DIM] = round(0.9 * n / step)
+    dp = CentralDP(clip, SampledGaussian(1.0, 100, n, "fixed"), 1e-5, verify_clipping=False, rounding_step=step)
+    server, record = _attacked_round(offset, [dp])
+    assert record.metrics["round_failed"] == 1.0 and np.array_equal(server.params, np.zeros(DIM))
+    assert "more than 10 clients clipped to 1 can reach" in record.note
+    # an honest round with the same settings passes the check
+    server, record = _attacked_round(np.zeros_like(offset), [dp])
+    assert "round_failed" not in record.metrics and np.linalg.norm(server.params) > 0
+
+
+def test_an_input_outside_the_ring_range_is_refused_even_without_dp():
+    offset = np.zeros(DIM + len(SecAggConfig().fields), dtype=np.uint32)
+    offset[5] = 2**31  # no n in-range encodings reach this: the sum wraps
+    server, record = _attacked_round(offset)
+    assert record.metrics["round_failed"] == 1.0 and np.array_equal(server.params, np.zeros(DIM))
+    assert "1 coordinates of the unmasked sum lie outside" in record.note
+
+
+# distributed DP
+
+@pytest.mark.parametrize("dropped", [0, 4])
+def test_distributed_dp_noise_of_the_sum_matches_the_closed_form(dropped):
+    """10 clients, quorum 6: each adds std z * s / sqrt(6), s = C + rounding bound. With all 10 in the sum its
+    noise std is z * s * sqrt(10 / 6); with the 4 the protocol tolerates dropped, exactly the target z * s."""
+    n, dim, clip, z = 10, 40_000, 1.0, 2.0
+    config = SecAggConfig(graph="full", clip_range=clip * (1 + 10 * z / np.sqrt(6)))
+    step = config.quantizer(n).step
+    dp = CentralDP(clip, SampledGaussian(z, 100, n, "fixed"), 1e-5, verify_clipping=False, rounding_step=step,
+                   distributed=True)
+    gone = {str(i) for i in range(dropped)}
+    server, protocol = secagg_server(n, config, dim=dim, transforms=[dp], noise=z, failing={MASKED: gone})
+    [record] = server.run(1).rounds
+    survivors = [str(i) for i in range(n) if str(i) not in gone]
+    assert record.participants == survivors and protocol.last_sum is not None
+    clipped = sum(known_delta(c, dim) * min(1.0, clip / np.linalg.norm(known_delta(c, dim))) for c in survivors)
+    noise = protocol.last_sum - clipped
+    target = z * (clip + step * np.sqrt(dim))
+    assert abs(noise.std() / (target * np.sqrt(len(survivors) / 6)) - 1) < 0.02
+    assert abs(noise.mean()) < 4 * noise.std() / np.sqrt(dim)
+    # the server added nothing, and accounts for the worst case (the target std, on the expected cohort)
+    assert np.allclose(server.params, protocol.last_sum / n)
+    assert record.metrics["dp_noise_std"] == pytest.approx(target / n)
+
+
+def test_distributed_dp_is_built_from_the_privacy_config_and_needs_secagg():
+    from fedlearn.privacy import PrivacyConfig, build_privacy
+    with pytest.raises(ValueError, match="dp_distributed needs secagg and central DP"):
+        PrivacyConfig(dp_clip=1.0, dp_noise=1.0, dp_distributed=True)
+    cfg = PrivacyConfig(dp_clip=1.0, dp_noise=1.5, secagg=True, secagg_graph="full", dp_distributed=True)
+    setup = build_privacy(cfg, client_ids=[str(i) for i in range(20)], cohort=10, rounds=3,
+                          strategy=make_strategy("fedavg"))
+    assert setup.protocol.noise == 1.5 and setup.transforms[0].distributed
+    assert setup.protocol.config.clip_range == pytest.approx(1 + 10 * 1.5 / np.sqrt(6))  # quorum 6 of 10

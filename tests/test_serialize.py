@@ -102,6 +102,93 @@ def test_object_arrays_cannot_be_encoded():
         encode_tensors({"x": np.array([object()])})
 
 
+def _message(head: bytes, payload: bytes = b"") -> bytes:
+    return b"FLT1" + struct.pack("<I", len(head)) + head + payload
+
+
+def _header(shape, meta: str = "{}") -> bytes:
+    """A header of one tensor; `shape` and `meta` are JSON text, so they may hold what Python cannot print."""
+    return (f'{{"tensors": [{{"name": "x", "dtype": "<f4", "shape": {shape}}}], "meta": {meta}, '
+            f'"payload_bytes": 0, "sha256": "{hashlib.sha256(b"").hexdigest()}"}}').encode()
+
+
+HOSTILE_HEADERS = {
+    "100k nested lists": (b"[" * 100_000 + b"]" * 100_000, "nested 100000 levels deep"),
+    "5k nested objects": (b'{"a":' * 5000 + b"1" + b"}" * 5000, "nested 5000 levels deep"),
+    "deep meta": (_header("[1]", '{"x": ' + "[" * 40 + "]" * 40 + "}"), "nested 42 levels deep"),  # header, meta, 40 lists
+    "5000-digit integer": (_header("[1]", '{"n": ' + "9" * 5000 + "}"), "longer than 20 digits"),
+    "100 dimensions": (_header([1] * 100), "at most 32"),
+    "0 x 10^30": (_header([0, 10**30]), "longer than 20 digits"),
+    "0 x 10^18 x 10^18": (_header([0, 10**18, 10**18]), "larger than the limit"),
+    "2^40 x 2^40": (_header([2**40, 2**40]), "larger than the limit"),
+    "1 MiB of 10k huge dimensions": (_header("[" + ",".join(["9" * 100] * 10_000) + "]")[: 1 << 20],
+                                     "longer than 20 digits"),
+    "NaN": (_header("[1]", '{"loss": NaN}'), "NaN is not a number"),
+    "1e400": (b'{"tensors":[],"meta":{"x":1e400},"payload_bytes":0,"sha256":""}', "out of the float range"),
+    "not UTF-8": (b'{"tensors":[],"meta":{"x":"\xff\xfe"}}', "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_HEADERS))
+def test_hostile_headers_are_refused_before_they_cost_anything(name):
+    """Each of these once escaped the decoder as RecursionError or ValueError, or held the CPU for seconds."""
+    head, reason = HOSTILE_HEADERS[name]
+    with pytest.raises(SerializationError, match=reason):
+        decode_tensors(_message(head))
+
+
+def test_brackets_and_quotes_inside_strings_do_not_count_as_nesting():
+    meta = {"name": "[[[[" * 20 + '\\"' + "{" * 40, "q": '"]]]' * 10, "list": [[[1]]]}
+    tensors, back = decode_tensors(encode_tensors({"w[0]{": np.ones(2)}, meta))
+    assert back == meta and list(tensors) == ["w[0]{"]
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**18), 10**18) | st.text(alphabet='[]{}"\\ab,:', max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\k', max_size=4), inner,
+                                                                 max_size=3),
+    max_leaves=40)
+
+
+def _depth(value) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_values)
+def test_nesting_depth_matches_the_parsed_structure(value):
+    from fedlearn.serialize import _nesting_depth
+
+    assert _nesting_depth(json.dumps(value).encode()) == _depth(value)
+
+
+@st.composite
+def _hostile_headers(draw):
+    """Headers with the shapes attackers use: deep nesting, long integers, many or huge dimensions."""
+    depth = draw(st.integers(0, 200))
+    digits = draw(st.integers(1, 6000))
+    dims = draw(st.lists(st.one_of(st.integers(0, 4), st.integers(0, 2**64), st.just(10**30)), max_size=120))
+    dtype = draw(st.sampled_from(["<f4", "<f8", "|u1", "|O", "<f4"]))
+    head = json.dumps({"tensors": [{"name": "x", "dtype": dtype, "shape": dims}], "meta": {"n": 1},
+                       "payload_bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()})
+    head = head.replace('"meta": {"n": 1}', '"meta": {"n": ' + "[" * depth + "9" * digits + "]" * depth + "}")
+    return _message(head.encode())
+
+
+@settings(max_examples=300, deadline=2000)
+@given(_hostile_headers())
+def test_fuzz_hostile_headers_fail_with_a_serialization_error_or_decode(data):
+    try:
+        tensors, _ = decode_tensors(data)
+    except SerializationError:
+        return
+    assert tensors["x"].size == 0  # only an empty tensor can match an empty payload
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_random_bytes_never_crash_the_decoder(blob):

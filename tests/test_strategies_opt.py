@@ -69,9 +69,12 @@ def test_fedavgm_accumulates_server_momentum():
     np.testing.assert_allclose(x2, x1 + 0.5 * np.array([0.8 - 1.0, 1.6]))
 
 
-@pytest.mark.parametrize("bad", [dict(server_lr=0.0), dict(beta1=1.0), dict(beta2=-0.1), dict(tau=0.0)])
-def test_adaptive_strategies_reject_bad_hyperparameters(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [(dict(server_lr=0.0), "server learning rate must be positive, got 0.0"),
+                                          (dict(beta1=1.0), r"beta1 must be in \[0.0, 1.0\), got 1.0"),
+                                          (dict(beta2=-0.1), r"beta2 must be in \[0.0, 1.0\), got -0.1"),
+                                          (dict(tau=0.0), "tau must be positive, got 0.0")])
+def test_adaptive_strategies_reject_bad_hyperparameters(bad, message):
+    with pytest.raises(ValueError, match=message):
         FedAdam(**bad)
 
 

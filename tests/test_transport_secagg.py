@@ -15,7 +15,7 @@ from fedlearn.config import ConfigError
 from fedlearn.messages import ClientSession, Message, as_bytes
 from fedlearn.privacy.central import CentralDPClient
 from fedlearn.secagg import SecAggConfig, SecAggError, SecAggProtocol, keys
-from fedlearn.secagg.protocol import ADVERTISE, IDENTITY_KEYS, MASKED, RoundPlan
+from fedlearn.secagg.protocol import ADVERTISE, IDENTITY_KEYS, MASKED
 from fedlearn.transport import certs
 from fedlearn.transport.client_process import _Worker
 from fedlearn.transport.identity import Identity
@@ -127,11 +127,17 @@ def test_secure_aggregation_over_grpc_survives_a_client_killed_mid_training(tmp_
     assert expected.accuracy > 0.7 and abs(accuracy - expected.accuracy) <= 0.05
     assert rounds[-1].metrics["dp_rounds"] == ROUNDS
     # the server held only masked vectors: an unmasked encoding stays below `levels`, while a masked one is
-    # uniform on the 2^32 ring, so about 1 - 1/5 of its coordinates lie above every possible encoding
+    # uniform on the 2^32 ring, so about 1 - 1/10 of its coordinates lie above every possible encoding (levels
+    # leave half the ring as headroom for 5 clients)
     levels = SecAggConfig(clip_range=2.0).quantizer(CLIENTS).levels
-    masked = [reply.tensors["masked"] for _, replies in seen for reply in replies.values() if isinstance(reply, Message)]
-    assert len(masked) == CLIENTS * ROUNDS - 1 and all(y.size == layout.size for y in masked)
-    assert all(0.7 < np.mean(y >= levels) < 0.9 for y in masked)
+    replies = [reply for _, replies in seen for reply in replies.values() if isinstance(reply, Message)]
+    masked = [reply.tensors["masked"] for reply in replies]
+    fields = len(SecAggConfig().fields)  # train_loss and dp_unclipped travel masked, summed with the update
+    assert len(masked) == CLIENTS * ROUNDS - 1 and all(y.size == layout.size + fields for y in masked)
+    # no per-client metadata in the clear: no example count, no metrics
+    assert all(set(reply.meta) == {"round", "partial"} and set(reply.tensors) == {"masked"} for reply in replies)
+    assert 0 < rounds[-1].metrics["train_loss"] < 3  # the cohort mean, from the masked sum
+    assert all(0.85 < np.mean(y >= levels) < 0.95 for y in masked)
     assert "round=3 kind=exchange" in (tmp_path / "client0.log").read_text()
 
 
@@ -150,13 +156,13 @@ def test_a_deployment_refuses_local_dp_and_strategies_that_upload_extras(tmp_pat
 def test_secagg_handlers_sign_with_the_clients_identity_and_check_the_announced_registry(creds):
     identity = Identity.load(creds / "clients" / "0" / "identity.key")
     registry = load_peer_keys(creds / "allowlist.txt")
-    plan = RoundPlan(1, 3, ("1", "2"), 2, 1.0, 1000, True)
+    plan = SecAggProtocol(SecAggConfig(), registry).plan(1, ["0", "1", "2"])
     honest = SecAggProtocol(SecAggConfig(), registry)._plan_meta(plan, "0")
     worker = _Worker(client=None, transforms=(), handlers={})
     session = ClientSession("0", worker.memory, fit=None)
     reply = secagg_handlers("0", identity)[ADVERTISE](session, Message(ADVERTISE, meta=honest))
     c_pk, s_pk = (as_bytes(reply.tensors[k]) for k in ("c_pk", "s_pk"))
-    keys.verify(registry, "0", as_bytes(reply.tensors["signature"]), keys.advertisement(1, "0", c_pk, s_pk))
+    keys.verify(registry, "0", as_bytes(reply.tensors["signature"]), keys.advertisement(plan.digest(), "0", c_pk, s_pk))
     forged = {**honest, IDENTITY_KEYS: {**honest[IDENTITY_KEYS], "0": Identity.generate().public_hex}}
     with pytest.raises(SecAggError, match="not this client's own"):
         secagg_handlers("0", identity)[ADVERTISE](session, Message(ADVERTISE, meta=forged))

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from fedlearn import FedAvg, Transform, Update
+from fedlearn.compression import update_codec
+from fedlearn.params import Layout
 from fedlearn.serialize import encode_update
 from fedlearn.server import ClientSampler, Server
 from fedlearn.transport import certs
@@ -26,6 +28,7 @@ from fedlearn.transport.wire import CONNECT_METHOD, MAX_MESSAGE_BYTES, encode_me
 
 STATE = OrderedDict(w=np.zeros((4, 3), np.float32), b=np.zeros(3, np.float32))
 SIZE = 15
+CODEC = update_codec((), Layout.of(STATE))  # updates travel in the model's dtype
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +71,21 @@ def served(creds):
     server.close()
 
 
+class RawCodec:
+    """Packs a delta as the dense codec would, but without converting it: floats become float32, the rest
+    (and every shape) stay as given."""
+
+    name = CODEC.name
+
+    def encode(self, vector):
+        return {"values": vector.astype(np.float32) if vector.dtype.kind == "f" else vector}
+
+
 def answer(conn: Connection, task, delta=None, *, client_id=None):
     """The payload and signed header of a result for `task` (honest unless told otherwise)."""
+    codec = CODEC if delta is None else RawCodec()  # a hostile client packs whatever it likes
     delta = np.full(SIZE, 0.5) if delta is None else delta
-    payload = encode_update(Update(client_id or conn.client_id, task.header.round, delta, 10))
+    payload = encode_update(Update(client_id or conn.client_id, task.header.round, delta, 10), codec=codec)
     return conn.result_header(task.header, payload), payload
 
 
@@ -203,10 +217,10 @@ def test_late_result_is_rejected_and_does_not_stall_the_round(creds):
 
 
 @pytest.mark.parametrize("delta, reason", [
-    (np.arange(SIZE), "must be floating point, got int64"),
+    (np.arange(SIZE), "'values' is int64 (15,), expected float32 (15,)"),
     (np.full(SIZE, np.nan), "non-finite values"),
     (np.full(SIZE, np.inf), "non-finite values"),
-    (np.zeros(SIZE + 2), "delta has shape (17,)"),
+    (np.zeros(SIZE + 2), "'values' is float32 (17,), expected float32 (15,)"),
 ])
 def test_bad_updates_are_rejected_and_the_round_goes_on(served, delta, reason):
     alice, bob = served.connect("alice"), served.connect("bob")

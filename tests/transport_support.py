@@ -39,10 +39,19 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 
 def fedlearn_process(args: list[str], log: Path) -> subprocess.Popen:
     """`fedlearn ARGS` as a separate process, output to `log`."""
+    return python_process(["-m", "fedlearn.cli", *args], log)
+
+
+def hostile_process(args: list[str], log: Path) -> subprocess.Popen:
+    """`hostile_client.py ARGS` (a registered client that misbehaves) as a separate process, output to `log`."""
+    return python_process([str(TESTS / "hostile_client.py"), *args], log)
+
+
+def python_process(args: list[str], log: Path) -> subprocess.Popen:
+    """`python ARGS` with fedlearn and the test helpers importable, output to `log`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "OMP_NUM_THREADS": "1"}
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "fedlearn.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=TESTS)
+        return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=TESTS)
 
 
 def mark_and_wait(cid: str, rnd: int, marker_dir: str, delay: float, slow_rounds: str) -> None:
@@ -168,3 +177,95 @@ class TcpProxy:
         self._closed = True
         self.cut()
         self.listener.close()
+
+
+SERVER_TOML = """
+seed = 0
+rounds = {rounds}
+[data]
+dataset = "digits"
+num_clients = {clients}
+[model]
+name = "logreg"
+[sampling]
+clients_per_round = {clients}
+eval_clients = 0
+{sampling}
+[client]
+local_epochs = 1
+[anomaly]
+enabled = false
+{sections}
+[server]
+address = "127.0.0.1:{port}"
+run_dir = "run"
+certificate = "creds/server.pem"
+private_key = "creds/server.key"
+allow_list = "creds/allowlist.txt"
+round_deadline = 30
+{server}
+"""
+
+
+class Deployment:
+    """A `fedlearn server` process (digits, logistic regression, `clients` per round, the given extra lines
+    in [sampling], [server] and other sections) and its clients: honest `fedlearn client` processes
+    (constant updates of +1 from 10 examples) and hostile ones (`hostile_client.py`). `finish` waits for
+    all of them and returns the committed rounds and every round's model."""
+
+    def __init__(self, folder: Path, creds: Path, *, rounds: int, clients: int, sampling: str = "",
+                 sections: str = "", server: str = "") -> None:
+        self.folder, self.creds, self.port = folder, creds, free_port()
+        (folder / "creds").symlink_to(creds)
+        self.config = folder / "server.toml"
+        self.config.write_text(SERVER_TOML.format(rounds=rounds, clients=clients, port=self.port, sampling=sampling,
+                                                  sections=sections, server=server))
+        self.servers: list[subprocess.Popen] = []
+        self.clients: dict[int, subprocess.Popen] = {}
+        self.start_server("server")
+
+    def start_server(self, log: str) -> subprocess.Popen:
+        """A (new) server process on the same config and run directory, output to `<log>.log`."""
+        self.server_log = log
+        self.servers.append(fedlearn_process(["server", "--config", str(self.config), "--quiet"],
+                                             self.folder / f"{log}.log"))
+        return self.servers[-1]
+
+    def honest(self, k: int, *flags: str) -> subprocess.Popen:
+        self.clients[k] = fedlearn_process(
+            ["client", "--server", f"127.0.0.1:{self.port}", "--credentials", str(self.creds / "clients" / str(k)),
+             "--client-module", "transport_support:make_constant_client", *flags], self.folder / f"client{k}.log")
+        return self.clients[k]
+
+    def hostile(self, k: int, *args: str) -> subprocess.Popen:
+        self.clients[k] = hostile_process(
+            ["--server", f"127.0.0.1:{self.port}", "--credentials", str(self.creds / "clients" / str(k)), *args],
+            self.folder / f"client{k}.log")
+        return self.clients[k]
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text()
+
+    def kill(self) -> None:
+        for p in [*self.servers, *self.clients.values()]:
+            p.kill()
+
+    def finish(self, timeout: float = 120):
+        """Wait for the last server and every client to exit with 0; the committed rounds and models."""
+        from fedlearn import RunStore
+
+        try:
+            self.servers[-1].wait(timeout)
+            assert self.servers[-1].returncode == 0, self.log(self.server_log)
+            for p in self.clients.values():
+                p.wait(30)
+            codes = {k: p.returncode for k, p in self.clients.items()}
+            assert all(c == 0 for c in codes.values()), (codes, {k: self.log(f"client{k}") for k in codes})
+        finally:
+            self.kill()
+        store = RunStore(self.folder / "run")
+        try:
+            models = [store.load_round(r)[0] for r in range(store.last_round() + 1)]
+            return store.history(), models
+        finally:
+            store.close()

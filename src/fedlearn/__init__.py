@@ -7,7 +7,7 @@ from .metrics import classification_metrics, weighted_mean_metrics
 from .params import Layout, LayoutError
 from .privacy import CentralDP, LocalDP, gaussian_epsilon, noise_for_epsilon
 from .serialize import SerializationError, decode_state, decode_update, encode_state, encode_update
-from .server import ClientPool, ClientSampler, History, RoundFailedError, RunStore, Server
+from .server import ClientPool, ClientSampler, History, RoundAborted, RoundFailedError, RunDirConflict, RunStore, Server
 from .server.anomaly import AnomalyChecks
 from .simulate import SimulationResult, run_simulation, simulate
 from .simulation import FaultInjector, InProcessPool
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Client", "TorchClient", "Update", "Failure", "EvalResult", "State", "Layout", "LayoutError",
     "encode_state", "decode_state", "encode_update", "decode_update", "SerializationError",
-    "Server", "ClientPool", "ClientSampler", "History", "RoundFailedError", "RunStore",
+    "Server", "ClientPool", "ClientSampler", "History", "RoundFailedError", "RoundAborted", "RunStore", "RunDirConflict",
     "InProcessPool", "FaultInjector", "Strategy", "FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi",
     "FedAdagrad", "Scaffold", "FedNova", "make_strategy", "make_aggregator", "AnomalyChecks", "Transform",
     "CentralDP", "LocalDP", "noise_for_epsilon", "gaussian_epsilon",

@@ -8,8 +8,9 @@ import tomllib
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from . import run_commands
 from .config import DATASETS, PARTITIONS, ConfigError, SimulationConfig, load_toml
 from .transport import commands as deployment
 from .server.anomaly import flag_counts
@@ -29,6 +30,8 @@ _SIM_FLAGS: list[tuple[str, str, type, str]] = [
     ("--fraction", "fraction", float, "sample this fraction of clients per round instead of a count"),
     ("--min-clients", "min_clients", int, "fewest usable updates for a round to count (default 1)"),
     ("--eval-clients", "eval_clients", int, "clients sampled for federated evaluation per round (default 10)"),
+    ("--max-examples", "max_examples", int, "cap on the example count a client may claim, its weight in the mean "
+                                            "(default 100000)"),
     ("--strategy", "strategy", str, "strategy name, see README (default fedavg)"),
     ("--local-epochs", "local_epochs", int, "local epochs per round (default 5)"),
     ("--batch-size", "batch_size", int, "local batch size (default 5)"),
@@ -40,8 +43,8 @@ _SIM_FLAGS: list[tuple[str, str, type, str]] = [
     ("--seed", "seed", int, "seed for data split, sampling, faults and initialisation (default 0)"),
     ("--backend", "backend", str, "where clients train: sequential (default), vectorized (a cohort at once), "
                                   "process (every core), ray"),
-    ("--ray-address", "ray_address", str, "with --backend ray: the cluster to join (auto, ray://HEAD:10001); "
-                                          "default: start Ray on this machine"),
+    ("--ray-address", "ray_address", str, "with --backend ray: the cluster to join: auto (started on this machine), "
+                                          "HEAD:6379 or ray://HEAD:10001; default: start Ray on this machine"),
     ("--aggregator", "aggregator", str, "robust aggregator replacing the strategy's mean: median, trimmed_mean, krum, "
                                         "multi_krum, bulyan, centered_clipping, norm_bounding, fltrust"),
     ("--attack", "attack", str, "simulated attack: label_flip, sign_flip, noise, alie, ipm, backdoor (default none)"),
@@ -64,20 +67,31 @@ _PRIVACY_FLAGS: list[tuple[str, str, type, str]] = [
     ("--secagg-graph", "secagg_graph", str, "sparse (SecAgg+, default) or full"),
     ("--secagg-threshold", "secagg_threshold", float, "fraction of a neighbourhood needed to unmask (default 0.5)"),
     ("--secagg-range", "secagg_range", float, "clip each coordinate to +-this before quantising (default dp-clip or 1)"),
+    ("--dp-distributed", "dp_distributed", bool, "distributed DP: clients add the noise inside secure aggregation"),
+    ("--he", "he", bool, "homomorphic-encryption aggregation (CKKS): the server adds ciphertexts, clients decrypt"),
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (what is wrong and where to look), not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlearn", description="Federated learning: simulate, serve, audit.")
+    parser = OneLineParser(prog="fedlearn", description="Federated learning: simulate, serve, audit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every client failure")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser(
-        "simulate", help="run a federated simulation on built-in data",
+        "simulate", help="run a federated simulation of your app or a built-in data set",
         description="Run a federated simulation. Settings come from defaults, then --config, then flags.",
     )
     sim.add_argument("--config", type=Path, help="TOML file with settings (see README)")
     sim.add_argument("--run-dir", type=Path, help="where to write the run (default runs/<time>)")
-    sim.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last committed round")
+    sim.add_argument("--resume", type=Path, metavar="DIR",
+                     help="continue the run in DIR from its last committed round, with its stored settings; "
+                          "--rounds may raise the number of rounds, any other setting is refused")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     deployment.add_app_flags(sim)
     sim.add_argument("--threads", type=int, default=1,
@@ -101,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
             sim.add_argument(flag, dest=f"privacy_{key}", type=kind, default=None, help=help_text)
     sim.add_argument("--mu", type=float, help="shortcut for -p mu=VALUE (FedProx proximal strength)")
     sim.add_argument("--server-lr", type=float, help="shortcut for -p server_lr=VALUE")
+    sim.add_argument("--contributions", metavar="METHODS",
+                     help="score each client's contribution every round: comma-separated gtg, loo, exact, cosine")
     deployment.add_parsers(sub, _SIM_FLAGS)
+    run_commands.add_parsers(sub)
     return parser
 
 
@@ -136,11 +153,24 @@ def _simulation_settings(args: argparse.Namespace) -> dict[str, Any]:
     app = deployment.app_settings(args, values)
     if app:
         flags["app"] = app
+    if args.contributions:
+        flags["contributions"] = {**values.get("contributions", {}),
+                                  "methods": [m.strip() for m in args.contributions.split(",") if m.strip()]}
     if "fraction" in flags and "clients_per_round" not in flags:
         values["clients_per_round"] = None
     if "clients_per_round" in flags and "fraction" not in flags:
         values["fraction"] = None
     return {**values, **flags}
+
+
+def _resumed_settings(args: argparse.Namespace) -> SimulationConfig:
+    """The stored configuration of the run in `args.resume`, with the settings given on the command line on
+    top (the run store then refuses any change but a higher `rounds`, naming it)."""
+    from .server.store import stored_config
+
+    if args.run_dir is not None and args.run_dir != args.resume:
+        raise ConfigError(f"--resume {args.resume} continues the run in that directory; drop --run-dir {args.run_dir}")
+    return SimulationConfig.from_dict({**stored_config(args.resume), **_simulation_settings(args)})
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -153,7 +183,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.resume:
         run_dir, resume = args.resume, True
-        config = None
+        config = _resumed_settings(args)
     else:
         config = SimulationConfig.from_dict(_simulation_settings(args))
         run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -190,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"simulate": cmd_simulate, **deployment.COMMANDS}[args.command](args)
+        return {"simulate": cmd_simulate, **deployment.COMMANDS, **run_commands.COMMANDS}[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"fedlearn: error: {exc}", file=sys.stderr)
         return 2

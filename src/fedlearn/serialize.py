@@ -16,7 +16,7 @@ import math
 import struct
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from .types import State, Update
 MAGIC = b"FLT1"
 DEFAULT_MAX_BYTES = 2**31  # 2 GiB: larger payloads must be streamed in chunks
 MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_DEPTH = 32  # nesting of JSON objects and lists in a header
+MAX_DIMS = 32  # numpy allows 64
+MAX_INT_DIGITS = 20  # any int64 or uint64
 ALLOWED_DTYPES = frozenset(
     np.dtype(d).str for d in ("<f2", "<f4", "<f8", "<i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1")
 )
@@ -72,11 +75,8 @@ def decode_tensors(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[
         raise SerializationError(f"not a fedlearn tensor message (magic {bytes(magic)!r})")
     if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(data):
         raise SerializationError(f"message truncated or corrupt: header length {head_len} does not fit")
-    try:
-        header = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + head_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SerializationError(f"corrupt header: {exc}") from None
-    entries, meta = _check_header(header)
+    header = _parse_header(bytes(data[_PREFIX.size : _PREFIX.size + head_len]))
+    entries, meta = _check_header(header, max_bytes)
     payload = data[_PREFIX.size + head_len :]
     if len(payload) != header["payload_bytes"]:
         raise SerializationError(
@@ -92,7 +92,75 @@ def decode_tensors(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[
     return tensors, meta
 
 
-def _check_header(header: Any) -> tuple[list[tuple[str, np.dtype, tuple[int, ...], int]], dict]:
+def _parse_header(raw: bytes) -> Any:
+    """Parse a JSON header whose size the caller has bounded, refusing before parsing what would make the
+    parser recurse deeply, and refusing while parsing integers longer than `MAX_INT_DIGITS` digits and
+    non-finite numbers; every failure is a `SerializationError`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SerializationError(f"corrupt header: not UTF-8 ({exc})") from None
+    depth = _nesting_depth(raw)
+    if depth > MAX_HEADER_DEPTH:
+        raise SerializationError(f"corrupt header: nested {depth} levels deep, more than {MAX_HEADER_DEPTH}")
+    try:
+        return json.loads(text, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise SerializationError(f"corrupt header: {str(exc)[:200]}") from None
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """The deepest nesting of [ and { outside JSON strings, found with array operations in linear time (a
+    quote preceded by an odd run of backslashes is escaped)."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    if b.size == 0:
+        return 0
+    index = np.arange(b.size)
+    backslash = b == 0x5C
+    last_other = np.maximum.accumulate(np.where(backslash, -1, index))  # last non-backslash at or before i
+    run = index - last_other  # backslashes ending at i
+    escaped = np.zeros(b.size, dtype=bool)
+    escaped[1:] = run[:-1] % 2 == 1
+    quote = (b == 0x22) & ~escaped
+    outside = np.cumsum(quote) % 2 == 0  # a quote itself counts as inside when it opens, outside when it closes
+    outside &= ~quote
+    step = ((b == 0x5B) | (b == 0x7B)).astype(np.int64) - ((b == 0x5D) | (b == 0x7D))
+    return int(np.cumsum(np.where(outside, step, 0)).max(initial=0))
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS + 1:  # + 1 for a sign
+        raise ValueError(f"integer of {len(text)} characters is longer than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of the float range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _element_count(shape: list[int], limit: int) -> int | None:
+    """Elements of `shape`, or None if a dimension or the product of its non-zero dimensions exceeds `limit`
+    (a zero dimension makes the array empty, but numpy still refuses shapes whose other dimensions overflow)."""
+    count, nonzero = 1, 1
+    for size in shape:
+        if size > limit:
+            return None
+        if size:
+            nonzero *= size
+            if nonzero > limit:
+                return None
+        count *= size
+    return count
+
+
+def _check_header(header: Any, max_bytes: int) -> tuple[list[tuple[str, np.dtype, tuple[int, ...], int]], dict]:
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
         raise SerializationError("corrupt header: missing tensor list")
     if not isinstance(header.get("payload_bytes"), int) or not isinstance(header.get("sha256"), str):
@@ -109,9 +177,15 @@ def _check_header(header: Any) -> tuple[list[tuple[str, np.dtype, tuple[int, ...
             raise SerializationError(f"corrupt header: tensor entry {i} has a missing or duplicate name")
         if dtype not in ALLOWED_DTYPES:
             raise SerializationError(f"tensor {name!r}: dtype {dtype!r} is not allowed")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise SerializationError(f"tensor {name!r}: invalid shape {shape!r}")
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise SerializationError(f"tensor {name!r}: invalid shape {str(shape)[:200]} (at most {MAX_DIMS} "
+                                     "non-negative integer dimensions)")
+        count = _element_count(shape, max_bytes // np.dtype(dtype).itemsize)
+        if count is None:
+            raise SerializationError(f"tensor {name!r}: shape {str(shape)[:200]} is larger than the limit of "
+                                     f"{max_bytes} bytes")
+        nbytes = count * np.dtype(dtype).itemsize
         total += nbytes
         seen.add(name)
         entries.append((name, np.dtype(dtype), tuple(shape), nbytes))
@@ -134,10 +208,22 @@ def decode_state(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> State:
 
 
 EXTRA_PREFIX = "extra/"  # tensor-name prefix of an update's `extras`
+CODEC_PREFIX = "delta/"  # tensor-name prefix of a delta packed by a codec
 
 
-def encode_update(update: Update) -> bytes:
-    """Serialize a client update (flat delta, extras and bookkeeping)."""
+class DeltaCodec(Protocol):
+    """How a flat delta is packed (see `fedlearn.compression.codecs`); `decode` validates hostile input."""
+
+    name: str
+
+    def encode(self, vector: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def decode(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray: ...
+
+
+def encode_update(update: Update, codec: DeltaCodec | None = None) -> bytes:
+    """Serialize a client update (flat delta, extras and bookkeeping). With a `codec` the delta travels packed
+    by it (the model's dtype, or compressed); without one, as the float64 vector it is."""
     meta = {
         "kind": "update",
         "client_id": update.client_id,
@@ -147,22 +233,36 @@ def encode_update(update: Update) -> bytes:
         "partial": bool(update.partial),
     }
     try:
-        tensors = {"delta": update.delta, **{EXTRA_PREFIX + k: v for k, v in update.extras.items()}}
+        if codec is None:
+            tensors = {"delta": update.delta}
+        else:
+            meta["codec"] = codec.name
+            tensors = {CODEC_PREFIX + k: v for k, v in codec.encode(update.delta).items()}
+        tensors.update({EXTRA_PREFIX + k: v for k, v in update.extras.items()})
         return encode_tensors(tensors, meta)
-    except ValueError as exc:  # NaN metrics are not valid JSON
+    except ValueError as exc:  # NaN metrics are not valid JSON; a delta its codec cannot carry
         raise SerializationError(f"update from {update.client_id!r} cannot be serialized: {exc}") from None
 
 
-def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Update:
-    """Deserialize and type-check a client update."""
+def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, codec: DeltaCodec | None = None) -> Update:
+    """Deserialize and type-check a client update. With a `codec`, the update must have been packed by that
+    very codec (the server's, not one the client names) and is unpacked to a float64 delta."""
     tensors, meta = decode_tensors(data, max_bytes=max_bytes)
     if meta.get("kind") != "update":
         raise SerializationError(f"expected an update, got a message of kind {meta.get('kind')!r}")
-    names = list(tensors)
-    if not names or names[0] != "delta" or not all(n.startswith(EXTRA_PREFIX) for n in names[1:]):
-        raise SerializationError(f"update must hold a tensor 'delta' and optional '{EXTRA_PREFIX}*' ones, got {names}")
-    delta = tensors.pop("delta")
-    extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items()}
+    extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+    rest = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+    if codec is None:
+        if meta.get("codec") is not None or list(rest) != ["delta"]:
+            raise SerializationError(f"update must hold a tensor 'delta' and optional '{EXTRA_PREFIX}*' ones, "
+                                     f"got {list(tensors)}")
+        delta = rest["delta"]
+    else:
+        if meta.get("codec") != codec.name:
+            raise SerializationError(f"update is packed as {meta.get('codec')!r}, this run expects {codec.name!r}")
+        if not all(k.startswith(CODEC_PREFIX) for k in rest):
+            raise SerializationError(f"update carries unexpected tensors {sorted(rest)}")
+        delta = codec.decode({k[len(CODEC_PREFIX):]: v for k, v in rest.items()})
     if delta.ndim != 1:
         raise SerializationError(f"update delta must be 1-D, got shape {delta.shape}")
     for what, value in {"delta": delta, **{f"extra {k!r}": v for k, v in extras.items()}}.items():

@@ -15,12 +15,14 @@ import torch
 from .app import App, app_from_settings
 from .client import Client
 from .config import ConfigError, SimulationConfig
+from .contributions import ContributionAccounting
 from .data import FederatedDataset, federate, load_breast_cancer, load_digits, load_femnist_npz, load_leaf_json, make_synthetic
 from .messages import Handler
 from .report import plot, write_csv
 from .serialize import encode_state
 from .privacy import PrivacyConfig, build_privacy
 from .server import ClientSampler, History, RunStore, Server
+from .server.store import stored_config
 from .server.anomaly import AnomalyChecks
 from .server.protocol import RoundProtocol
 from .server.round_loop import CentralEval
@@ -108,15 +110,14 @@ def simulate(
 ) -> SimulationResult:
     """Run a simulation with the run settings of `config` (rounds, sampling, faults, robustness, privacy,
     backend) on `app`, or on the built-in task `config` describes when no app is given. With `resume`,
-    continue the run stored in `run_dir` from its last round (an app run needs the same app again)."""
+    continue the run stored in `run_dir` from its last round: with its stored configuration when `config`
+    is None (an app named in it is loaded again; an `app` object must be given again), or with `config`,
+    which may differ from it only in a higher `rounds`. Without `resume`, a `run_dir` holding a run of
+    another configuration is refused."""
     if resume:
-        if run_dir is None or not Path(run_dir).exists():
-            raise ConfigError(f"cannot resume: the run directory {run_dir} does not exist")
-        if not (Path(run_dir) / "run.sqlite").exists():
-            raise ConfigError(f"cannot resume: {run_dir} holds no run store (run.sqlite)")
-        stored = RunStore(run_dir)
-        config = stored.get_meta("config")
-        stored.close()
+        if run_dir is None:
+            raise ConfigError("cannot resume without the run directory (run_dir)")
+        config = stored_config(run_dir) if config is None else config
     cfg = config if isinstance(config, SimulationConfig) else SimulationConfig.from_dict(dict(config or {}))
     app = task_app(cfg, app)
     client_ids = app.simulated_client_ids
@@ -133,13 +134,31 @@ def simulate(
     return run_simulation(
         app=robust.app, strategy=robust.strategy,
         rounds=cfg.rounds, clients_per_round=cfg.clients_per_round, fraction=cfg.fraction,
-        min_clients=robust.min_clients, eval_clients=cfg.eval_clients,
+        min_clients=robust.min_clients, eval_clients=cfg.eval_clients, max_examples=cfg.max_examples,
         transforms=[*robust.transforms, *privacy.transforms],
         anomaly_checks=anomaly_checks, protocol=privacy.protocol, handlers=privacy.handlers, sampler=privacy.sampler,
         faults=FaultInjector(cfg.crash_rate, cfg.drop_rate, cfg.straggler_rate, seed=cfg.seed),
-        seed=cfg.seed, run_dir=run_dir, meta={"config": cfg.to_dict()}, show_progress=show_progress,
+        seed=cfg.seed, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume, show_progress=show_progress,
         backend=cfg.backend, ray_address=cfg.ray_address or None,
+        contributions=contribution_accounting(cfg, app, privacy.protocol is not None or bool(privacy.transforms)),
     )
+
+
+def contribution_accounting(cfg: SimulationConfig, app: App, private: bool) -> ContributionAccounting | None:
+    """The configured contribution accounting with the app's central evaluation (held-out data), or None when
+    it is off. Refused with secure aggregation (no individual updates to score) and DP (scores of raw updates
+    would leak)."""
+    if not cfg.contributions:
+        return None
+    if private:
+        raise ConfigError("contribution accounting scores individual updates, which secure aggregation hides and "
+                          "differential privacy must not publish; turn off [contributions] or [privacy]")
+    if app.central_eval is None:
+        raise ConfigError("contribution accounting needs held-out data on the server: the app's central_eval")
+    try:
+        return ContributionAccounting(app.central_eval, seed=cfg.seed, **cfg.contributions)
+    except TypeError as exc:
+        raise ConfigError(f"bad [contributions] setting: {exc}") from None
 
 
 def run_simulation(
@@ -157,6 +176,7 @@ def run_simulation(
     min_clients: int = 1,
     max_failed_rounds: int = 3,
     eval_clients: int = 0,
+    max_examples: int | None = None,
     central_eval: CentralEval | None = None,
     faults: FaultInjector | None = None,
     transforms: Sequence[Transform] = (),
@@ -166,10 +186,12 @@ def run_simulation(
     sampler: ClientSampler | PoissonSampler | None = None,
     seed: int = 0,
     run_dir: str | Path | None = None,
-    meta: dict[str, Any] | None = None,
+    run_config: dict[str, Any] | None = None,
+    resume: bool = False,
     show_progress: bool = False,
     backend: str = "sequential",
     ray_address: str | None = None,
+    contributions: ContributionAccounting | None = None,
 ) -> SimulationResult:
     """Simulate federated training. The task is an `app` (see `fedlearn.App`), or is given by its parts:
     `data` (a `FederatedDataset`) and `model_fn` are enough (a `TorchClient` per client, central evaluation
@@ -177,34 +199,42 @@ def run_simulation(
     `strategy` (an object or a registered name such as "fedyogi") and `central_eval` replace the app's.
 
     The initial model is `initial_state`, or `model_fn()` built under `torch.manual_seed(seed)`. Samples all
-    clients each round unless a count or fraction is given. With `run_dir`, every round is committed to a
-    run store there, and a run already in it is resumed. `anomaly_checks` screens every update before
-    aggregation (pass None to turn the screening off). A multi-stage `protocol` (secure aggregation) needs
-    its client-side `handlers`; `sampler` replaces the count / fraction sampler (e.g. Poisson sampling for
-    DP). `backend` picks where clients train (sequential, vectorized, process, ray; see
-    `fedlearn.simulation.backends`), `ray_address` a Ray cluster. Metric names: see `fedlearn.metrics`."""
+    clients each round unless a count or fraction is given.
+    With `run_dir`, every round is committed to a run store there, and a run of the same configuration already
+    in it is resumed; another configuration is refused (`RunDirConflict`), and `resume=True` may only raise
+    `rounds`. The configuration is `run_config` (a front door's settings), or else `Server.describe()` with the
+    rounds and client ids.
+    `anomaly_checks` screens every update before aggregation (pass None to turn the screening off);
+    `max_examples` caps the example count (aggregation weight) any client may claim.
+    A multi-stage `protocol` (secure aggregation) needs its client-side `handlers`; `sampler` replaces the
+    count / fraction sampler (e.g. Poisson sampling for DP). `backend` picks where clients train
+    (sequential, vectorized, process, ray; see `fedlearn.simulation.backends`), `ray_address` a Ray cluster.
+    `contributions` scores each round's accepted updates into the run store's contribution ledger.
+    Metric names: see `fedlearn.metrics`."""
     app = _simulation_app(app, data, client_fn, client_ids, model_fn, initial_state)
     if isinstance(strategy, str):
         strategy = make_strategy(strategy)
-    strategy = strategy or app.build_strategy()
-    central_eval = central_eval or app.central_eval
+    client_ids = app.simulated_client_ids
     if clients_per_round is None and fraction is None:
         fraction = 1.0
-    store = RunStore(run_dir) if run_dir is not None else None
-    if store is not None:
-        for key, value in (meta or {}).items():
-            store.set_meta(key, value)
-    pool = make_pool(backend, app.client, app.simulated_client_ids, faults, handlers=handlers,
-                     ray_address=ray_address)
+    sampler = sampler or ClientSampler(clients_per_round, fraction, seed=seed)
+    if isinstance(sampler, ClientSampler):
+        sampler.size(len(client_ids))  # refuse more clients per round than there are, before any work
+    pool = make_pool(backend, app.client, client_ids, faults, handlers=handlers, ray_address=ray_address)
     server = Server(
-        pool, strategy, app.initial(seed),
-        sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed), min_clients=min_clients,
-        max_failed_rounds=max_failed_rounds, anomaly_checks=anomaly_checks, protocol=protocol,
-        transforms=transforms, central_eval=central_eval, eval_clients=eval_clients, store=store, seed=seed,
-        fit_config=app.fit_config, evaluate_metrics=app.evaluate_metrics,
+        pool, strategy or app.build_strategy(), app.initial(seed), sampler=sampler, min_clients=min_clients,
+        max_failed_rounds=max_failed_rounds, anomaly_checks=anomaly_checks, protocol=protocol, max_examples=max_examples,
+        transforms=transforms, central_eval=central_eval or app.central_eval, eval_clients=eval_clients, seed=seed,
+        contributions=contributions, fit_config=app.fit_config, evaluate_metrics=app.evaluate_metrics,
     )
+    store = None
     start = time.perf_counter()
     try:
+        if run_dir is not None:
+            store = RunStore(run_dir)
+            store.bind_config(run_config or {**server.describe(), "rounds": rounds, "clients": sorted(client_ids)},
+                              resume=resume)
+            server.attach(store)
         if show_progress:
             from .progress import RoundProgress  # rich takes a noticeable part of start-up; only a bar needs it
 

@@ -13,6 +13,7 @@ from .datasets import (
 )
 from .heart_disease import load_heart_disease
 from .leaf import LeafFormatError, load_leaf_json
+from .shakespeare import load_shakespeare
 from .partition import dirichlet, iid, label_table, quantity_skew, shards, summarize
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "label_table",
     "load_breast_cancer",
     "load_digits",
+    "load_shakespeare",
     "load_femnist_npz",
     "load_heart_disease",
     "load_leaf_json",

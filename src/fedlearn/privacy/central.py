@@ -2,7 +2,9 @@
 
 Client half: clip the update to L2 norm C (C comes from the server each round, so adaptive clipping works
 over any pool). Server half: refuse any update above C (a client that skipped clipping would void the
-guarantee; off under secure aggregation, where updates are masked) and weight every client equally.
+guarantee; off under secure aggregation, where updates are masked), refuse an unclipped indicator other
+than 0 or 1 with adaptive clipping (so one client moves the clip norm no more than the protocol allows), and
+weight every client equally.
 Finalize half: add Gaussian noise of std z*C to the sum and divide by the expected cohort size (the
 fixed-denominator estimator), account the round, and stop the run before a round that would exceed the
 epsilon budget.
@@ -54,7 +56,10 @@ class CentralDP(Transform):
     """DP-FedAvg. `mechanism` describes sampling and the total noise multiplier z used for accounting;
     `delta` is the accounting delta; `budget` the largest epsilon the run may reach (None: no limit).
     `rounding_slack(d)` widens the sensitivity when updates are quantised after clipping (secure aggregation).
-    `rng` draws the noise; leave it None in real use (OS entropy): a seeded generator makes noise guessable."""
+    `rng` draws the noise; leave it None in real use (OS entropy): a seeded generator makes noise guessable.
+    `distributed`: the clients already added the noise inside secure aggregation (`SecAggProtocol(noise=z)`),
+    calibrated so that the sum carries at least std z * sensitivity; finalize then adds none, and accounts
+    for that worst case."""
 
     name = "central_dp"
 
@@ -69,6 +74,7 @@ class CentralDP(Transform):
         verify_clipping: bool = True,
         rounding_step: float = 0.0,
         rng: np.random.Generator | None = None,
+        distributed: bool = False,
     ) -> None:
         if not (math.isfinite(clip) and clip > 0):
             raise ValueError(f"DP clip norm must be a positive number, got {clip}")
@@ -76,6 +82,10 @@ class CentralDP(Transform):
             raise ValueError(f"DP delta must be in (0, 1), got {delta}")
         self.clip, self.mechanism, self.delta, self.budget = clip, mechanism, delta, budget
         self.adaptive, self.verify_clipping, self.rounding_step = adaptive, verify_clipping, rounding_step
+        if distributed and adaptive is not None:
+            raise ValueError("distributed DP needs a fixed clip norm: adaptive clipping's count noise would be "
+                             "added by the server")
+        self.distributed = distributed
         self.expected = float(mechanism.cohort)
         z = mechanism.noise_multiplier
         self.update_noise = adaptive.update_noise_multiplier(z, self.expected) if adaptive and z > 0 else z
@@ -118,9 +128,14 @@ class CentralDP(Transform):
         kept, refused = [], []
         for u in updates:
             norm = float(np.linalg.norm(u.delta))
+            unclipped = u.metrics.get(UNCLIPPED_KEY)
             if self.verify_clipping and norm > self.clip * (1 + 1e-9):
                 refused.append(Failure(u.client_id, "rejected", f"update norm {norm:.4g} exceeds the DP clip norm "
                                        f"{self.clip:.4g}: the client did not clip"))
+            elif self.adaptive is not None and unclipped not in (0.0, 1.0):
+                # the count of unclipped updates drives the clip norm: each client adds at most 1 (Andrew et al.)
+                refused.append(Failure(u.client_id, "rejected", f"metric {UNCLIPPED_KEY!r} must be 0 or 1 (whether "
+                                       f"the update was within the clip norm), got {unclipped!r}"))
             else:
                 kept.append(dataclasses.replace(u, num_examples=1))
         return kept, refused
@@ -129,7 +144,8 @@ class CentralDP(Transform):
         total = delta * len(updates)  # the (equal-weight) mean back to a sum
         sensitivity = self.clip + self.rounding_step * math.sqrt(delta.size)
         std = self.update_noise * sensitivity
-        noised = (total + self.rng.normal(0.0, std, size=delta.shape)) / self.expected
+        noise = 0.0 if self.distributed else self.rng.normal(0.0, std, size=delta.shape)
+        noised = (total + noise) / self.expected
         self.last_noise_std = std / self.expected
         self._clip_used = self.clip
         if self.adaptive is not None:

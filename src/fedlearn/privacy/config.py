@@ -14,6 +14,11 @@ Keys (all optional; nothing is on by default)::
     local_dp_clip, local_dp_noise          local DP on each client (both > 0 to enable)
     secagg           secure aggregation on/off
     secagg_graph     "sparse" (SecAgg+) or "full"; secagg_degree, secagg_threshold, secagg_range
+    dp_distributed   distributed DP (needs secagg and dp_clip): each client adds its share of the noise, so the
+                     server never holds an un-noised sum; calibrated for the fewest survivors the round accepts
+    he               homomorphic-encryption aggregation (CKKS, TenSEAL; `pip install -e ".[he]"`) instead of
+                     secagg: clients hold the secret key, the server adds ciphertexts; he_public_key (deployment)
+                     is the server's public context file from `fedlearn he-keys`
 """
 from __future__ import annotations
 
@@ -46,6 +51,9 @@ class PrivacyConfig:
     secagg_degree: int | None = None
     secagg_threshold: float = 0.5
     secagg_range: float | None = None
+    dp_distributed: bool = False
+    he: bool = False
+    he_public_key: str | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -70,6 +78,12 @@ class PrivacyConfig:
              "adaptive clipping needs each client's clipped/unclipped bit, which secure aggregation hides; "
              "use a fixed dp_clip with secagg")
         need(self.secagg_range is None or self.secagg_range > 0, "secagg_range must be > 0")
+        need(not (self.he and self.secagg), "choose one of secagg and he: both hide individual updates")
+        need(not (self.adaptive_clip and self.he),
+             "adaptive clipping needs each client's clipped/unclipped bit, which HE aggregation hides")
+        need(not self.dp_distributed or (self.secagg and self.central),
+             "dp_distributed needs secagg and central DP (dp_clip with dp_noise or target_epsilon): the clients' "
+             "noise shares add up to the target noise only inside the secure sum")
 
     @property
     def central(self) -> bool:
@@ -81,7 +95,7 @@ class PrivacyConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.central or self.local or self.secagg
+        return self.central or self.local or self.secagg or self.he
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

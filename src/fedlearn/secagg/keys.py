@@ -67,14 +67,16 @@ def decrypt(key: bytes, blob: bytes, associated: bytes) -> bytes:
         raise SecAggKeyError("a share ciphertext failed authentication (tampered, misrouted or replayed)") from None
 
 
-def advertisement(rnd: int, cid: str, c_pk: bytes, s_pk: bytes) -> bytes:
-    """The bytes a client signs when it advertises its round keys."""
-    return b"fedlearn-secagg-advertise|" + f"{rnd}|{cid}|".encode() + c_pk + s_pk
+def advertisement(plan_digest: bytes, cid: str, c_pk: bytes, s_pk: bytes) -> bytes:
+    """The bytes a client signs when it advertises its round keys: bound to the round plan it was shown, so
+    a client shown another plan (another cohort, graph or threshold) refuses the keys."""
+    return b"fedlearn-secagg-advertise|" + plan_digest + f"|{cid}|".encode() + c_pk + s_pk
 
 
-def survivors_statement(rnd: int, survivors: Iterable[str]) -> bytes:
-    """The bytes a client signs in the consistency check: the survivor set it was shown."""
-    return b"fedlearn-secagg-survivors|" + f"{rnd}|".encode() + "\n".join(sorted(survivors)).encode()
+def consistency_statement(plan_digest: bytes, sharers: Iterable[str], survivors: Iterable[str]) -> bytes:
+    """The bytes a client signs in the consistency round: the plan, sharer set and survivor set it was shown."""
+    return (b"fedlearn-secagg-consistency|" + plan_digest + b"|" + "\n".join(sorted(sharers)).encode() + b"|"
+            + "\n".join(sorted(survivors)).encode())
 
 
 def verify(registry: Mapping[str, bytes], cid: str, signature: bytes, message: bytes) -> None:

@@ -2,6 +2,8 @@
 from .pool import ClientPool
 from .round_loop import History, RoundFailedError, Server
 from .sampling import ClientSampler
-from .store import RoundRecord, RunStore
+from .protocol import RoundAborted
+from .store import RoundRecord, RunDirConflict, RunStore
 
-__all__ = ["Server", "History", "RoundFailedError", "ClientPool", "ClientSampler", "RunStore", "RoundRecord"]
+__all__ = ["Server", "History", "RoundFailedError", "RoundAborted", "ClientPool", "ClientSampler", "RunStore",
+           "RunDirConflict", "RoundRecord"]

@@ -1,16 +1,18 @@
 """Anomaly checks on every update just before aggregation, whatever the aggregator.
 
-Three checks, in order; the first that fires excludes the update as a `Failure` of kind "flagged" with the
+Four checks, in order; the first that fires excludes the update as a `Failure` of kind "flagged" with the
 reason, so it is stored with the round and counted in the progress line:
 
 1. malformed: wrong layout or non-finite values, re-checked after the server-side transforms (decoders,
    simulated attacks) because validation ran before them;
-2. norm outlier: the robust z-score of the log norm (median and MAD over the round) is above `norm_z`;
+2. weight outlier: the robust z-score of the log example count (the client's own claim, its weight in the
+   mean) is above `weight_z`; a client claiming far more data than the round's others would steer it;
+3. norm outlier: the robust z-score of the log norm (median and MAD over the round) is above `norm_z`;
    log norms, because honest norms grow with local data size and spread multiplicatively;
-3. direction outlier: the robust z-score of the cosine to the coordinate-wise median update is below
+4. direction outlier: the robust z-score of the cosine to the coordinate-wise median update is below
    `-cosine_z`, which catches flipped or unrelated directions of any size.
 
-Checks 2 and 3 repeat on the updates still kept until nothing new is flagged, since a cluster of attackers
+Checks 2 to 4 repeat on the updates still kept until nothing new is flagged, since a cluster of attackers
 inflates the spread that hides them. Statistics need a crowd, so they run only while at least `min_updates`
 updates are left. The default thresholds are loose enough that honest clients on strongly non-IID data
 (Dirichlet alpha = 0.5, the default run) are not flagged.
@@ -44,12 +46,15 @@ class AnomalyChecks:
 
     norm_z: float = 6.0
     cosine_z: float = 6.0
+    weight_z: float = 6.0
     min_updates: int = 5
     min_log_norm_scale: float = 0.2
     min_cosine_scale: float = 0.1
+    min_log_weight_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("norm_z", "cosine_z", "min_log_norm_scale", "min_cosine_scale"):
+        for name in ("norm_z", "cosine_z", "weight_z", "min_log_norm_scale", "min_cosine_scale",
+                     "min_log_weight_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"anomaly check setting {name} must be > 0, got {getattr(self, name)}")
         if self.min_updates < 3:
@@ -64,7 +69,7 @@ class AnomalyChecks:
                 reasons[i] = f"malformed after server transforms: {problem}"
         while True:  # repeat on what is left: removing the worst outliers sharpens the honest statistics
             rest = [i for i in range(len(updates)) if i not in reasons]
-            found = self._outliers([updates[i].delta for i in rest], rest) if len(rest) >= self.min_updates else {}
+            found = self._outliers([updates[i] for i in rest], rest) if len(rest) >= self.min_updates else {}
             if not found:
                 break
             reasons.update(found)
@@ -72,8 +77,10 @@ class AnomalyChecks:
         flagged = [Failure(updates[i].client_id, "flagged", reasons[i]) for i in sorted(reasons)]
         return kept, flagged
 
-    def _outliers(self, deltas: list[np.ndarray], index: list[int]) -> dict[int, str]:
-        stack = np.stack(deltas)
+    def _outliers(self, updates: list[Update], index: list[int]) -> dict[int, str]:
+        stack = np.stack([u.delta for u in updates])
+        weights = np.array([u.num_examples for u in updates], dtype=np.float64)
+        weight_z = robust_z(np.log(np.maximum(weights, 1.0)), self.min_log_weight_scale)
         tiny = np.finfo(float).tiny
         norms = np.linalg.norm(stack, axis=1)
         norm_z = robust_z(np.log(np.maximum(norms, tiny)), self.min_log_norm_scale)
@@ -82,7 +89,10 @@ class AnomalyChecks:
         cos_z = robust_z(cosines, self.min_cosine_scale)
         found: dict[int, str] = {}
         for k, i in enumerate(index):
-            if norm_z[k] > self.norm_z:
+            if weight_z[k] > self.weight_z:
+                found[i] = (f"weight outlier: claims {weights[k]:.4g} examples, {weights[k] / np.median(weights):.1f}x "
+                            f"the round's median (robust z {weight_z[k]:.1f} > {self.weight_z:g})")
+            elif norm_z[k] > self.norm_z:
                 found[i] = (f"norm outlier: norm {norms[k]:.3g} is {norms[k] / np.median(norms):.1f}x the round's "
                             f"median (robust z {norm_z[k]:.1f} > {self.norm_z:g})")
             elif cos_z[k] < -self.cosine_z:

@@ -1,22 +1,30 @@
 """The round loop: sample -> dispatch -> validate -> transform -> aggregate -> server step -> evaluate -> commit.
 
-One loop for every client pool. Follow one update: `ClientPool.fit` returns it, `update_problem` checks it,
-the strategy's `accept_partial` decides on stragglers, transforms' `server` halves see it, the anomaly checks
+One loop for every client pool. Follow one update: `ClientPool.fit` returns it, `update_problem` checks it
+(and every value in it; the strategy's own `update_problem` what it needs), its example weight is capped at
+`max_examples`, the strategy's `accept_partial` decides on stragglers, transforms' `server` halves see it, the anomaly checks
 screen it (`anomaly.py`), `Strategy.aggregate` combines it, transforms' `finalize` halves adjust the aggregate,
-and `Strategy.apply` makes the new model.
+and `Strategy.apply` makes the new model. The store commits the round with its evidence: each accepted
+update's hash for the audit log and, with `contributions`, each client's contribution scores.
 
 Dispatch and aggregation go through the round's `RoundProtocol` (`protocol.py`): by default one fit exchange
 and `Strategy.aggregate`; secure aggregation runs its stages there as generic messages (`ClientPool.exchange`).
+A protocol that cannot finish safely raises `RoundAborted`: the round is recorded as failed with the reason,
+the model is unchanged, and the run goes on.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from ..audit.record import update_digest
+from ..contributions.accounting import ContributionAccounting
 from ..metrics import MetricAggregation, weighted_mean_metrics
 from ..params import Layout
 from ..strategies.base import Strategy
@@ -24,10 +32,10 @@ from ..transforms.base import StopRun, Transform
 from ..types import Config, EvalResult, Failure, Metrics, State, Update
 from .anomaly import AnomalyChecks
 from .pool import ClientPool
-from .protocol import RoundProtocol
+from .protocol import RoundAborted, RoundProtocol
 from .sampling import ClientSampler, client_seed
-from .store import RoundRecord, RunStore
-from .validate import update_problem
+from .store import RoundEvidence, RoundRecord, RunStore
+from .validate import MAX_COUNT, count_problem, metrics_problem, update_problem
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,7 @@ RoundCallback = Callable[[RoundRecord], None]
 
 
 class RoundFailedError(RuntimeError):
-    """Too many consecutive rounds had fewer than `min_clients` usable updates."""
+    """Too many consecutive rounds failed (fewer than `min_clients` usable updates, or an aborted protocol)."""
 
 
 @dataclass
@@ -82,6 +90,8 @@ class Server:
         max_failed_rounds: int = 3,
         anomaly_checks: AnomalyChecks | None = None,
         protocol: RoundProtocol | None = None,
+        max_examples: int | None = None,
+        contributions: ContributionAccounting | None = None,
         fit_config: Config | None = None,
         evaluate_metrics: MetricAggregation = weighted_mean_metrics,
     ) -> None:
@@ -89,31 +99,55 @@ class Server:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
         if max_failed_rounds < 0:
             raise ValueError(f"max_failed_rounds must be >= 0, got {max_failed_rounds}")
+        if max_examples is not None and not 1 <= max_examples <= MAX_COUNT:
+            raise ValueError(f"max_examples must be in [1, 2**53], got {max_examples}")
         self.pool, self.strategy, self.sampler = pool, strategy, sampler
         self.layout = Layout.of(initial_state)
         self.params = self.layout.flatten(initial_state)
         self.min_clients, self.transforms = min_clients, list(transforms)
         self.central_eval, self.eval_clients = central_eval, eval_clients
-        self.store, self.seed, self.max_failed_rounds = store, seed, max_failed_rounds
-        self.anomaly_checks = anomaly_checks
+        self.store, self.seed, self.max_failed_rounds = None, seed, max_failed_rounds
+        self.anomaly_checks, self.max_examples, self.contributions = anomaly_checks, max_examples, contributions
         self.fit_config, self.evaluate_metrics = dict(fit_config or {}), evaluate_metrics
         self.protocol = protocol or RoundProtocol()
         self.protocol.check(strategy)
+        for transform in self.transforms:
+            transform.check_chain(self.transforms, self.protocol)
         self.stop_reason = ""
         self.round = 0
         self.history = History()
         if store is not None:
-            self._restore_or_init(store, initial_state)
+            self.attach(store)
 
     @property
     def state(self) -> State:
         """The current global model."""
         return self.layout.unflatten(self.params)
 
-    def _restore_or_init(self, store: RunStore, initial_state: State) -> None:
+    def describe(self) -> dict[str, Any]:
+        """The settings that make this run what it is (for `RunStore.bind_config` when no config file does):
+        strategy and its scalar settings, model layout, sampling, transforms, protocol and checks."""
+        aggregator, optimizer = self.strategy.aggregator, self.strategy.server_optimizer
+        return {
+            "strategy": {"class": type(self.strategy).__qualname__, **_scalars(self.strategy),
+                         "client_config": self.strategy.client_config,
+                         "aggregator": {"name": getattr(aggregator, "__name__", type(aggregator).__qualname__),
+                                        **_scalars(aggregator)},
+                         "server_optimizer": {"class": type(optimizer).__qualname__, **_scalars(optimizer)}},
+            "model": {name: [list(v.shape), v.dtype.str] for name, v in self.state.items()},
+            "sampler": {"class": type(self.sampler).__qualname__, **_scalars(self.sampler)},
+            "min_clients": self.min_clients, "max_failed_rounds": self.max_failed_rounds, "seed": self.seed,
+            "max_examples": self.max_examples, "eval_clients": self.eval_clients,
+            "transforms": [t.name for t in self.transforms], "protocol": self.protocol.name,
+            "anomaly_checks": dataclasses.asdict(self.anomaly_checks) if self.anomaly_checks is not None else None,
+        }
+
+    def attach(self, store: RunStore) -> None:
+        """Commit every round to `store`, resuming the run it holds (or storing the initial model as round 0)."""
+        self.store = store
         last = store.last_round()
         if last is None:
-            store.commit_round(0, initial_state, self.strategy.state_dict(), {}, [], [])
+            store.commit_round(0, self.state, self.strategy.state_dict(), {}, [], [])
             return
         state, strategy_state = store.load_round(last)
         self.params = self.layout.flatten(state)
@@ -149,7 +183,8 @@ class Server:
         return self.history
 
     def run_round(self, rnd: int) -> RoundRecord:
-        """One complete round, committed to the store; a failed round (too few usable updates) keeps the model."""
+        """One complete round, committed to the store; a failed round (too few usable updates, or a protocol
+        that aborted) keeps the model."""
         started = time.perf_counter()
         state = self.state
         settings = {k: v for transform in self.transforms for k, v in transform.configure(rnd).items()}
@@ -159,46 +194,60 @@ class Server:
                   "seed": client_seed(self.seed, rnd, cid)}
             for cid in cohort
         }
-        results = self.protocol.collect(self.pool, state, instructions, self.transforms)
-        updates, failures = self._screen(results, instructions, rnd)
-        for transform in self.transforms:
-            updates, refused = transform.server(updates, rnd)
-            failures += refused
-        if self.anomaly_checks is not None:
-            updates, flagged = self.anomaly_checks.screen(updates, self.layout.size)
-            failures += flagged
-        for f in failures:
-            log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
+        updates: list[Update] = []
+        failures: list[Failure] = []
         note = ""
-        if len(updates) >= self.min_clients:
-            self.strategy.begin_round(rnd, self.params)
-            delta = self.protocol.aggregate(self.pool, self.strategy, updates, rnd)
+        evidence = RoundEvidence()
+        try:
+            results = self.protocol.collect(self.pool, state, instructions, self.transforms)
+            updates, failures = self._screen(results, instructions, rnd)
             for transform in self.transforms:
-                delta = transform.finalize(delta, updates, rnd)
-            # The global model is the state in its own dtypes: round the float64 step to them, so the model
-            # in memory is exactly what clients receive and what the store (and so a resumed run) holds.
-            self.params = self.layout.flatten(self.layout.unflatten(self.strategy.apply(self.params, delta)))
-        else:
-            reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in failures[:3])
-            note = (f"round {rnd}: only {len(updates)} of {len(cohort)} sampled clients returned usable updates, "
-                    f"min_clients is {self.min_clients}; model unchanged ({reasons})")
+                updates, refused = transform.server(updates, rnd)
+                failures += refused
+            if self.anomaly_checks is not None:
+                updates, flagged = self.anomaly_checks.screen(updates, self.layout.size)
+                failures += flagged
+            for f in failures:
+                log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
+            if len(updates) >= self.min_clients:
+                evidence.update_hashes = {u.client_id: update_digest(u) for u in updates}
+                if self.contributions is not None:
+                    evidence.contributions = self.contributions.score(self.layout, self.params, updates, rnd)
+                self.strategy.begin_round(rnd, self.params)
+                delta = self.protocol.aggregate(self.pool, self.strategy, updates, rnd)
+                for transform in self.transforms:
+                    delta = transform.finalize(delta, updates, rnd)
+                # The global model is the state in its own dtypes: round the float64 step to them, so the model
+                # in memory is exactly what clients receive and what the store (and so a resumed run) holds.
+                self.params = self.layout.flatten(self.layout.unflatten(self.strategy.apply(self.params, delta)))
+            else:
+                reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in failures[:3])
+                note = (f"round {rnd}: only {len(updates)} of {len(cohort)} sampled clients returned usable "
+                        f"updates, min_clients is {self.min_clients}; model unchanged ({reasons})")
+        except RoundAborted as exc:
+            note = f"round {rnd} aborted by the {self.protocol.name} protocol: {exc}"
+        if note:
             log.warning(note)
-            updates = []
+            updates, evidence = [], RoundEvidence()
         metrics = self._round_metrics(updates, failures, cohort, rnd)
         for transform in self.transforms:
             metrics.update(transform.report(rnd))
         if note:
             metrics["round_failed"] = 1.0
+        if evidence.contributions:
+            metrics["contribution_evaluations"] = float(self.contributions.last_evaluations)
         record = RoundRecord(rnd, metrics, [u.client_id for u in updates], failures, note)
         if self.store is not None:
-            self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures)
+            self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures,
+                                    note, evidence=evidence)
         record.seconds = time.perf_counter() - started
         self.round = rnd
         self.history.rounds.append(record)
         return record
 
     def _screen(self, results: list[Update | Failure], instructions: dict, rnd: int) -> tuple[list[Update], list[Failure]]:
-        """Split pool results into usable updates and failures with reasons (validation and stragglers)."""
+        """Split pool results into usable updates and failures with reasons (validation and stragglers), and
+        cap each example weight at `max_examples`."""
         updates: list[Update] = []
         failures: list[Failure] = []
         answered = set()
@@ -207,8 +256,7 @@ class Server:
                 failures.append(result)
                 answered.add(result.client_id)
                 continue
-            expected = result.client_id if result.client_id in instructions else "<not sampled>"
-            problem = update_problem(result, expected_client=expected, rnd=rnd, size=self.layout.size)
+            problem = self._update_problem(result, instructions, rnd)
             if problem is None and result.client_id in answered:
                 problem = "sent more than one update this round"
             answered.add(result.client_id)
@@ -218,9 +266,26 @@ class Server:
                 failures.append(Failure(result.client_id, "straggler",
                                         f"partial work dropped by {self.strategy.name}"))
             else:
-                updates.append(result)
+                updates.append(self._capped(result))
         failures += [Failure(c, "timeout", "no result before the round ended") for c in instructions if c not in answered]
         return updates, failures
+
+    def _update_problem(self, update: Update, instructions: dict, rnd: int) -> str | None:
+        """Why `update` is unusable, or None; a check that fails on a hostile value costs only its sender."""
+        expected = update.client_id if update.client_id in instructions else "<not sampled>"
+        try:
+            return (update_problem(update, expected_client=expected, rnd=rnd, size=self.layout.size)
+                    or self.strategy.update_problem(update))
+        except Exception as exc:  # noqa: BLE001 - whatever a client sent, only that client pays for it
+            return f"could not be checked ({type(exc).__name__}: {exc})"[:500]
+
+    def _capped(self, update: Update) -> Update:
+        """`update` with its example weight capped at `max_examples` (the largest credible count)."""
+        if self.max_examples is None or update.num_examples <= self.max_examples:
+            return update
+        log.info("round %d: client %s claims %d examples; its weight is capped at max_examples=%d", update.round,
+                 update.client_id, update.num_examples, self.max_examples)
+        return dataclasses.replace(update, num_examples=self.max_examples)
 
     def _round_metrics(self, updates: list[Update], failures: list[Failure], cohort: list[str], rnd: int) -> Metrics:
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
@@ -242,4 +307,17 @@ class Server:
         rng = np.random.default_rng([self.seed, rnd, 1])
         chosen = [ids[i] for i in np.sort(rng.choice(len(ids), size=min(self.eval_clients, len(ids)), replace=False))]
         results = [r for r in self.pool.evaluate(state, {c: {"round": rnd} for c in chosen}) if isinstance(r, EvalResult)]
-        return {f"fed_{k}": float(v) for k, v in self.evaluate_metrics(results).items()}
+        usable = []
+        for r in results:
+            problem = count_problem(r.num_examples, minimum=0) or metrics_problem(r.metrics)
+            if problem is not None:
+                log.info("round %d: evaluation result of client %s ignored: %s", rnd, r.client_id, problem)
+            else:
+                usable.append(r)
+        return {f"fed_{k}": float(v) for k, v in self.evaluate_metrics(usable).items()}
+
+
+def _scalars(obj: object) -> dict[str, Any]:
+    """The public number, string and flag attributes of `obj` (its settings, not its arrays)."""
+    return {k: v for k, v in sorted(getattr(obj, "__dict__", {}).items())
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}

@@ -27,9 +27,11 @@ class ClientSampler:
         return max(1, round(self.fraction * num_clients))
 
     def sample(self, client_ids: Sequence[str], rnd: int) -> list[str]:
-        """The clients of round `rnd`, in pool order."""
+        """The clients of round `rnd`, in pool order; all of them when fewer than `count` are available (a
+        deployment that goes on with the clients it has)."""
         rng = np.random.default_rng([self.seed, rnd])
-        chosen = rng.choice(len(client_ids), size=self.size(len(client_ids)), replace=False)
+        size = len(client_ids) if self.count is not None and self.count > len(client_ids) else self.size(len(client_ids))
+        chosen = rng.choice(len(client_ids), size=size, replace=False)
         return [client_ids[i] for i in np.sort(chosen)]
 
 

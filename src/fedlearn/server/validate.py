@@ -1,9 +1,61 @@
-"""Checks every update passes before it may touch the aggregate: right client, round, shape, finite values."""
+"""Checks every value a client sends before it may touch the round: right client and round, shape, finite
+values, and counts and metrics of a credible type and size. Each check returns the reason a value must be
+refused (or None), and never raises, whatever the value: a bad value costs its sender, never the round."""
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 
 from ..types import Update
+
+MAX_COUNT = 2**53  # the largest example count accepted at all: float64 holds every integer up to it exactly
+MAX_METRICS = 64
+MAX_METRIC_NAME = 128
+
+
+def describe(value: Any) -> str:
+    """A short, safe rendering of a client-sent value for a reason text (huge integers are not printed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def count_problem(value: Any, name: str = "num_examples", *, minimum: int = 1) -> str | None:
+    """Why `value` is not an example count in [minimum, 2**53], or None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return f"{name} must be an integer, got {type(value).__name__} {describe(value)}"
+    if not minimum <= value <= MAX_COUNT:
+        return f"{name} must be in [{minimum}, 2**53], got {describe(value)}"
+    return None
+
+
+def number_problem(value: Any, name: str) -> str | None:
+    """Why `value` is not a finite real number (int or float, not bool), or None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return f"{name} must be a number, got {type(value).__name__} {describe(value)}"
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        finite = False
+    return None if finite else f"{name} must be finite, got {describe(value)}"
+
+
+def metrics_problem(metrics: Any) -> str | None:
+    """Why `metrics` is not a small mapping of names to finite numbers, or None."""
+    if not isinstance(metrics, dict):
+        return f"metrics must be a mapping of names to numbers, got {type(metrics).__name__}"
+    if len(metrics) > MAX_METRICS:
+        return f"{len(metrics)} metrics exceed the limit of {MAX_METRICS}"
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_NAME:
+            return f"metric name {describe(key)} must be a string of 1 to {MAX_METRIC_NAME} characters"
+        problem = number_problem(value, f"metric {key!r}")
+        if problem is not None:
+            return problem
+    return None
 
 
 def update_problem(update: Update, *, expected_client: str, rnd: int, size: int) -> str | None:
@@ -12,6 +64,8 @@ def update_problem(update: Update, *, expected_client: str, rnd: int, size: int)
         return f"claims to be client {update.client_id!r} but was sent to {expected_client!r}"
     if update.round != rnd:
         return f"is for round {update.round}, current round is {rnd}"
+    if not isinstance(update.extras, dict):
+        return f"extras must be a mapping of names to vectors, got {type(update.extras).__name__}"
     vectors = {"delta": update.delta, **{f"extra {k!r}": v for k, v in update.extras.items()}}
     for name, vector in vectors.items():
         if not isinstance(vector, np.ndarray) or vector.dtype.kind != "f":
@@ -20,6 +74,18 @@ def update_problem(update: Update, *, expected_client: str, rnd: int, size: int)
             return f"{name} has shape {vector.shape}, the model layout needs ({size},)"
         if not np.isfinite(vector).all():
             return f"{name} has {int((~np.isfinite(vector)).sum())} non-finite values (NaN/Inf)"
-    if not isinstance(update.num_examples, (int, np.integer)) or update.num_examples <= 0:
-        return f"num_examples must be a positive integer, got {update.num_examples!r}"
+    problem = count_problem(update.num_examples) or metrics_problem(update.metrics)
+    if problem is None and not isinstance(update.partial, (bool, np.bool_)):
+        problem = f"partial must be true or false, got {describe(update.partial)}"
+    return problem
+
+
+def sum_norm_problem(total: np.ndarray, count: int, clip: float, slack: float = 0.0) -> str | None:
+    """Why `total` cannot be the sum of `count` updates each clipped to L2 norm `clip` (plus `slack` for
+    rounding and noise), or None: the one check of a client's influence left when only the sum is visible."""
+    norm = float(np.linalg.norm(total))
+    bound = count * clip + slack
+    if not norm <= bound:
+        return (f"the sum has L2 norm {norm:.4g}, more than {count} clients clipped to {clip:g} can reach "
+                f"({bound:.4g}): a client did not clip")
     return None

@@ -1,17 +1,24 @@
 """`RayPool`: the cohort dealt over Ray actors, on this machine (`ray.init()`) or a cluster (`address=`).
 
-Each actor receives the local pool (and with it `client_fn` and whatever data it closes over) once, when it
-starts, from one copy in Ray's object store; Ray ships that by its own serializer, the one thing here that
-fedlearn does not encode itself.
-Per round the global state is put in Ray's object store once, encoded in fedlearn's tensor format, and
-every actor gets a reference to it plus its share of the instructions; its answers come back as one
-encoded message. Actors run one torch thread each, so results equal the sequential pool's with one
-thread. Evaluation and multi-stage protocols run in the driver on the local pool.
+The local pool (and with it `client_fn` and whatever data it closes over) is put in Ray's object store once,
+when the pool starts; every actor is built from that one object, which Ray copies to each node once, however
+many actors the node runs (Ray ships it by its own serializer, the one thing here that fedlearn does not
+encode itself). Per round the global state is put in the object store once, encoded in fedlearn's tensor
+format, and every live actor gets a reference to it plus its share of the instructions; its answers come back
+as one encoded message. `round_bytes` counts what each round hands to Ray, `setup_bytes` the one-off copy.
+Actors run one torch thread each, so results equal the sequential pool's with one thread. Evaluation and
+multi-stage protocols run in the driver on the local pool.
+
+An actor that dies (its process or its whole node) costs the clients it held that round: they fail as
+crashes, the actor is dropped and a replacement is requested, which takes part from the first round after
+Ray has found room for it.
 Install with ``pip install fedlearn[ray]``.
 """
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections.abc import Mapping, Sequence
 
 from ..serialize import encode_state
@@ -21,6 +28,28 @@ from .inprocess import InProcessPool
 from .workers import OffloadingPool, decode_results, encode_instructions, finish_in_order, serve_fit, shares
 
 log = logging.getLogger(__name__)
+
+_HOST = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+_FORMS = re.compile(rf"(?:ray://)?{_HOST}:(\d{{1,5}})|ray://{_HOST}")
+_AUTH_HELP = (
+    "run with RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token, in the file named by "
+    "RAY_AUTH_TOKEN_PATH, or in RAY_AUTH_TOKEN (README, 'Speed and scale')"
+)
+
+
+def check_ray_address(address: str) -> str:
+    """`address` if it is a form Ray can join, else ValueError: "auto" (the cluster started on this
+    machine, or the one in RAY_ADDRESS), "HOST:PORT" (the head's port given to `ray start --head`, 6379 by
+    default) or "ray://HOST[:PORT]" (Ray Client, port 10001 by default)."""
+    match = _FORMS.fullmatch(address) if isinstance(address, str) else None
+    port = match and match.group(2)
+    if address == "auto" or (match and (port is None or 1 <= int(port) <= 65535)):
+        return address
+    raise ValueError(
+        f"ray address {address!r} is not one Ray can join; give 'auto' (a cluster started on this machine), "
+        "HEAD_HOST:PORT (the port of `ray start --head`, e.g. 10.0.0.5:6379) or ray://HEAD_HOST:10001 (Ray Client); "
+        "leave it empty to start Ray on this machine"
+    )
 
 
 class _Worker:
@@ -32,6 +61,11 @@ class _Worker:
         torch.set_num_threads(1)
         self.local = local
 
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def fit(self, state_frame: bytes, instructions_frame: bytes) -> bytes:
         return serve_fit(self.local, state_frame, instructions_frame)
 
@@ -39,7 +73,8 @@ class _Worker:
 class RayPool(OffloadingPool):
     """Runs `local` (a sequential or vectorised in-process pool) in `workers` Ray actors of one CPU each
     (default: one per CPU Ray reports). Starts Ray unless it is already running; `address` joins a cluster
-    ("auto" or "ray://head:10001"), `num_cpus` caps a local instance."""
+    (see `check_ray_address`), `num_cpus` caps a local instance. A round with no live actor waits up to
+    `start_timeout` seconds for one, then fails its clients."""
 
     def __init__(
         self,
@@ -48,7 +83,12 @@ class RayPool(OffloadingPool):
         address: str | None = None,
         workers: int | None = None,
         num_cpus: int | None = None,
+        start_timeout: float = 120.0,
     ) -> None:
+        if address:
+            check_ray_address(address)
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         try:
             import ray
         except ImportError:
@@ -56,35 +96,116 @@ class RayPool(OffloadingPool):
         self._ray = ray
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(address=address or None, num_cpus=None if address else num_cpus,
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+            _connect(ray, address, num_cpus)
         super().__init__(local)
         self.size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        actor = ray.remote(num_cpus=1, max_restarts=3)(_Worker)  # a dead actor comes back for later rounds
-        self._local_ref = ray.put(local)  # serialized once for all actors, and kept alive for their restarts
-        self._actors = [actor.remote(self._local_ref) for _ in range(self.size)]
+        self.start_timeout = start_timeout
+        self._actor_class = ray.remote(num_cpus=1, max_restarts=0)(_Worker)  # a dead actor is replaced, not revived
+        self._local_ref = ray.put(local)  # serialized once for all actors, copied once to each node that runs one
+        self.setup_bytes = _object_size(ray, self._local_ref)
+        self.round_bytes: list[int] = []  # per fit call: encoded state + instructions handed to Ray
+        self.placement: dict[str, str] = {}  # client id -> node id of the actor that trained it, last round
+        self._live: dict[object, str] = {}  # actor -> node id
+        self._starting: dict[object, object] = {}  # actor -> reference to its node id, once it runs
+        for _ in range(self.size):
+            self._spawn()
 
     def fit(
         self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
     ) -> list[Update | Failure]:
         ray = self._ray
+        self._admit(first=not self.round_bytes)
+        if not self._live:
+            reason = f"no Ray worker is alive ({len(self._starting)} waiting for room in the cluster)"
+            return [Failure(cid, "crash", reason) for cid in instructions]
+        actors = list(self._live)
         state_ref = ray.put(encode_state(state))
-        dealt = shares(instructions, self.size)
-        calls = [a.fit.remote(state_ref, encode_instructions(share)) for a, share in zip(self._actors, dealt)]
+        dealt = shares(instructions, len(actors))
+        frames = [encode_instructions(share) for share in dealt]
+        self.round_bytes.append(_object_size(ray, state_ref) + sum(len(f) for f in frames))
+        calls = [a.fit.remote(state_ref, frame) for a, frame in zip(actors, frames)]
         raw: dict[str, Update | Failure] = {}
-        for call, share in zip(calls, dealt):
+        self.placement = {}
+        for actor, call, share in zip(actors, calls, dealt):
             try:
                 raw.update(zip(share, decode_results(ray.get(call))))
-            except Exception as exc:  # an actor died or sent garbage: its clients crashed this round
-                log.warning("ray worker failed: %s: %s", type(exc).__name__, exc)
+                self.placement.update(dict.fromkeys(share, self._live[actor]))
+            except Exception as exc:  # its actor died, or sent garbage: its clients crashed this round
+                log.warning("ray worker on node %s failed: %s: %s", self._live[actor][:8], type(exc).__name__, exc)
                 raw.update({cid: Failure(cid, "crash", f"ray worker failed: {type(exc).__name__}: {exc}")
                             for cid in share})
+                if isinstance(exc, ray.exceptions.RayActorError):
+                    self._replace(actor)
         return finish_in_order(raw, instructions, transforms)
 
     def close(self) -> None:
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors = []
+        for actor in [*self._live, *self._starting]:
+            self._ray.kill(actor, no_restart=True)
+        self._live, self._starting = {}, {}
         if self._owns_ray:
             self._ray.shutdown()
         super().close()
+
+    def _spawn(self) -> None:
+        actor = self._actor_class.remote(self._local_ref)
+        self._starting[actor] = actor.node.remote()
+
+    def _replace(self, actor: object) -> None:
+        del self._live[actor]
+        self._ray.kill(actor, no_restart=True)
+        self._spawn()
+
+    def _admit(self, first: bool) -> None:
+        """Move actors that have started into the live set. Before the first round: all of them (up to
+        `start_timeout`; one that cannot start is an error, usually a `client_fn` the workers cannot import);
+        with no live actor: the first to start; otherwise those ready now, so a replacement that finds no room
+        in the cluster never holds up a round."""
+        ray, wait = self._ray, first or not self._live
+        deadline = time.monotonic() + (self.start_timeout if wait else 0.0)
+        admitted = 0
+        while self._starting:
+            refs = {ref: actor for actor, ref in self._starting.items()}
+            ready, _ = ray.wait(list(refs), num_returns=1 if wait and not first else len(refs),
+                                timeout=max(0.0, deadline - time.monotonic()))
+            for ref in ready:
+                actor = refs[ref]
+                del self._starting[actor]
+                try:
+                    self._live[actor] = ray.get(ref)
+                    admitted += 1
+                except ray.exceptions.RayActorError as exc:
+                    if first:
+                        raise RuntimeError(f"a Ray worker could not start (define client_fn in the script you run or "
+                                           f"in a module every node can import): {exc}") from None
+                    log.warning("a replacement ray worker could not start: %s", exc)
+                    self._spawn()
+            if not wait or (self._live and not first) or time.monotonic() >= deadline:
+                break
+        if wait and self._starting:
+            log.warning("%d of %d ray workers have not started after %.0f s; going on with %d", len(self._starting),
+                        self.size, self.start_timeout, len(self._live))
+        if admitted:
+            log.info("ray: %d workers on %d nodes", len(self._live), len(set(self._live.values())))
+
+
+def _connect(ray, address: str | None, num_cpus: int | None) -> None:
+    """`ray.init`, with a message saying what to do when the cluster wants a token this process lacks (Ray
+    reports a missing or wrong token as an authentication error, or only as a failed connection)."""
+    auth_error = getattr(ray.exceptions, "AuthenticationError", ())
+    try:
+        ray.init(address=address or None, num_cpus=None if address else num_cpus,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except auth_error as exc:
+        raise RuntimeError(f"the Ray cluster refused this driver's token: {_AUTH_HELP}; Ray said: {exc}") from None
+    except ConnectionError as exc:
+        raise ConnectionError(f"could not join the Ray cluster at {address!r} ({exc}): check the address and that "
+                              f"the head is up (`ray status` there); if it uses token authentication, {_AUTH_HELP}"
+                              ) from None
+
+
+def _object_size(ray, ref) -> int:
+    """Bytes Ray holds for `ref` (data and metadata), as Ray itself reports it."""
+    try:
+        return int(ray.experimental.get_object_locations([ref])[ref]["object_size"])
+    except Exception:  # Ray Client does not report locations; the pool works the same without the count
+        return 0

@@ -99,10 +99,13 @@ class VectorizedPool(InProcessPool):
     @staticmethod
     def _model_problem(model: torch.nn.Module, state: State) -> str | None:
         name = type(model).__name__
-        if next(model.buffers(), None) is not None:
+        params = [n for n, _ in model.named_parameters()]
+        if set(model.state_dict()) - set(params):
             return f"{name} has buffers (e.g. batch-norm statistics), so its clients train one by one"
-        if [n for n, _ in model.named_parameters()] != list(state):
-            return f"the model state does not list exactly {name}'s parameters, so its clients train one by one"
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if [n for n in params if n in state] != list(state) or not trainable <= set(state):
+            return (f"the model state does not list {name}'s trainable parameters in order (frozen ones may be "
+                    f"left out), so its clients train one by one")
         return None
 
     def _model(self, model_fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -117,7 +120,7 @@ class VectorizedPool(InProcessPool):
         first = tasks[0][1]
         sgd, epochs = _settings(tasks[0][3])
         model = self._model(first.model_fn)
-        load_state(model, state)  # frozen parameters take the global values
+        load_state(model, state, partial=True)  # frozen parameters in the state take the global values
         start = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         steps = [local_steps(c.x.shape[0], sgd.batch_size, epochs, st["work_fraction"]) for _, c, _, st in tasks]
         ranked = sorted(range(len(tasks)), key=lambda i: -steps[i])  # similar lengths batch together

@@ -33,7 +33,8 @@ class ServerOptimizer(Protocol):
 class Strategy:
     """Client algorithm + aggregator + server optimizer. Subclasses set these; the round loop calls:
 
-    `configure_fit` per sampled client, `aggregate` on the accepted updates, then `apply`.
+    `configure_fit` per sampled client, `update_problem` on each result, `aggregate` on the accepted updates,
+    then `apply`.
     `accept_partial` decides whether stragglers' partial work is used (FedProx) or dropped (FedAvg).
     `client_extras` names the `Update.extras` its clients must upload besides the delta (SCAFFOLD's control
     variates); privacy features protect only the delta, so they refuse strategies that need extras.
@@ -59,6 +60,11 @@ class Strategy:
     def configure_fit(self, rnd: int, client_id: str) -> Config:
         """Instructions for one sampled client this round."""
         return dict(self.client_config)
+
+    def update_problem(self, update: Update) -> str | None:
+        """Why this strategy cannot use `update` (a value it needs is missing or out of range), or None.
+        The round loop rejects such an update as that client's failure before `aggregate` sees it."""
+        return None
 
     def begin_round(self, rnd: int, params: np.ndarray) -> None:
         """Called by the round loop with the flat model the round starts from; hands it to an aggregator

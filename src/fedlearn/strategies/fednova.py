@@ -58,14 +58,19 @@ class FedNova(Strategy):
         super().__init__(weighted_mean, ServerSGD(server_lr), accept_partial=True)
         self.local_momentum = local_momentum
 
+    def update_problem(self, update: Update) -> str | None:
+        steps = update.metrics.get(STEPS_METRIC)
+        if not (isinstance(steps, (int, float)) and np.isfinite(steps) and steps >= 1):
+            return (f"FedNova needs metrics[{STEPS_METRIC!r}] (local steps taken, >= 1), got {steps!r}; report it "
+                    "from Client.fit (TorchClient does)")
+        return None
+
     def aggregate(self, updates: list[Update]) -> np.ndarray:
-        steps = np.array([u.metrics.get(STEPS_METRIC, np.nan) for u in updates], dtype=np.float64)
-        bad = [u.client_id for u, s in zip(updates, steps) if not (np.isfinite(s) and s >= 1)]
-        if bad:
-            raise ValueError(
-                f"FedNova needs each update's metrics[{STEPS_METRIC!r}] (local steps taken, >= 1); clients "
-                f"{bad[:5]} did not report it; report it from Client.fit (TorchClient does)"
-            )
+        problems = {u.client_id: p for u in updates if (p := self.update_problem(u)) is not None}
+        if problems:
+            cid, problem = next(iter(problems.items()))
+            raise ValueError(f"FedNova cannot use the updates of clients {list(problems)[:5]}: client {cid}: {problem}")
+        steps = np.array([u.metrics[STEPS_METRIC] for u in updates], dtype=np.float64)
         deltas = np.stack([u.delta for u in updates])
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
         return normalized_mean(deltas, weights, local_work(steps, self.local_momentum))

@@ -62,10 +62,12 @@ class TorchClient(Client):
         self._model: torch.nn.Module | None = None
 
     def model(self, state: State) -> torch.nn.Module:
-        """The client's module (built once) loaded with `state`."""
+        """The client's module (built once) loaded with `state`. A state that holds only some of the module's
+        entries (a LoRA model's adapters and head, a FedPer body) overwrites just those: the rest keeps its
+        values, and only the entries in `state` are trained into the update."""
         if self._model is None:
             self._model = self.model_fn()
-        load_state(self._model, state)
+        load_state(self._model, state, partial=True)
         return self._model
 
     def model_layout(self) -> Layout:
@@ -97,7 +99,7 @@ class TorchClient(Client):
         drift = GradientCorrection(model, layout, correction) if correction is not None else None
         metrics = train_local(model, self.x, self.y, **settings, loss_fn=self.train_loss_fn, generator=generator,
                               grad_hook=drift)
-        delta = layout.flatten(state_of(model)) - layout.flatten(state)
+        delta = layout.flatten(state_of(model, state.keys())) - layout.flatten(state)
         extras = {"mean_gradient": drift.mean_gradient()} if drift is not None else {}
         return Update(self.cid, int(config.get("round", 0)), delta, len(self.x), metrics,
                       partial=settings["work_fraction"] < 1.0, extras=extras)

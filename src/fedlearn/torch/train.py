@@ -31,19 +31,26 @@ def train_local(
     generator: torch.Generator | None = None,
     work_fraction: float = 1.0,
     proximal_mu: float = 0.0,
+    proximal_anchor: list[torch.Tensor] | None = None,
     grad_hook: GradHook | None = None,
 ) -> dict[str, float]:
     """Mini-batch SGD for `epochs` passes (or `work_fraction` of those steps, for a straggler).
 
     With `proximal_mu` > 0 the FedProx term mu/2 * ||w - w_global||^2 is added to the objective, as its
-    gradient mu * (w - w_global). `grad_hook(params)` runs after each backward pass, before the proximal term
+    gradient mu * (w - w_global); w_global is the starting point, or `proximal_anchor` (one tensor per trainable
+    parameter) when training starts elsewhere (Ditto's personal model is pulled towards the global one).
+    `grad_hook(params)` runs after each backward pass, before the proximal term
     and the step, on the trainable parameters in `model.parameters()` order; it may read or change their
     gradients (SCAFFOLD's drift correction). `generator` seeds the shuffle; None keeps the data order.
     Returns the mean training loss over the steps taken and the step count.
     """
     steps = local_steps(x.shape[0], batch_size, epochs, work_fraction)
     params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    anchor = None
+    if proximal_mu > 0:
+        anchor = proximal_anchor if proximal_anchor is not None else [p.detach().clone() for p in params]
+        if len(anchor) != len(params):
+            raise ValueError(f"proximal_anchor has {len(anchor)} tensors for {len(params)} trainable parameters")
     opt = LocalSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     model.train()
     total = torch.zeros(())
@@ -199,7 +206,7 @@ def central_evaluator(
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
 
     def evaluate(state: State) -> Metrics:
-        load_state(model, state)
+        load_state(model, state, partial=True)  # an adapter-only global state leaves the frozen rest as built
         return evaluate_model(model, xt, yt, loss_fn=loss_fn)
 
     return evaluate

@@ -1,6 +1,9 @@
 """The `Transform` interface."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 from ..types import Config, Failure, Metrics, Update
@@ -22,6 +25,7 @@ class Transform:
     Round-level hooks, for transforms with server-side state (a privacy accountant, an adaptive clip norm):
     `configure` adds settings sent to every sampled client (and may stop the run by raising `StopRun`),
     `report` adds metrics to the round's record, `restore` rebuilds state from the stored rounds on resume.
+    `check_chain` refuses, when a driver is built, a chain of transforms or a round protocol it cannot run with.
     """
 
     name = "transform"
@@ -40,6 +44,9 @@ class Transform:
 
     def report(self, rnd: int) -> Metrics:
         return {}
+
+    def check_chain(self, chain: Sequence["Transform"], protocol: Any) -> None:
+        """Raise `ValueError` with the reason if this transform cannot run in `chain` under `protocol`."""
 
     def restore(self, rounds: list) -> None:
         """Rebuild server-side state from the committed `RoundRecord`s of a resumed run."""

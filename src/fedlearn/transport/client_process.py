@@ -12,6 +12,7 @@ import logging
 import queue
 import random
 import time
+from functools import partial
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import grpc
 
 from ..client import Client, run_fit
+from ..compression import update_codec
+from ..params import Layout
 from ..messages import ClientSession, Handler, Message, decode_message, encode_message
 from ..params import Layout
 from ..serialize import SerializationError, decode_state, encode_update
@@ -109,9 +112,7 @@ class Connection:
 
     def sign(self, header: pb.ResultHeader) -> pb.ResultHeader:
         """(Re)compute the header's signature over its current fields."""
-        header.signature = self.identity.sign(result_message(
-            header.run_id, header.client_id, header.round, header.nonce, header.kind, header.payload_sha256,
-            header.error))
+        header.signature = self.identity.sign(result_message(header))
         return header
 
     def send_result(self, header: pb.ResultHeader, payload: bytes) -> int:
@@ -166,7 +167,7 @@ def run_client(
         except grpc.RpcError as exc:
             if exc.code() in _REFUSALS:
                 raise ClientRejected(f"the server refused client {client.cid!r}: {exc.details()}") from None
-            reason = f"{exc.code().name}: {exc.details()}"
+            reason = f"{exc.code().name}: {exc.details()}{tls_hint(exc, tls)}"
         except (WireError, SerializationError) as exc:
             reason = f"bad message from the server: {exc}"
         finally:
@@ -180,6 +181,21 @@ def run_client(
         log.warning("event=connection_lost client=%s reason=%r retry_in=%.2f", client.cid, reason, wait)
         time.sleep(wait)
         backoff = min(2 * backoff, MAX_BACKOFF)
+
+
+def tls_hint(exc: grpc.RpcError, tls: ClientTLS | None) -> str:
+    """A likely cause of a failed connection that gRPC reports only as a closed socket or a failed handshake:
+    TLS on one side and not on the other."""
+    details = (exc.details() or "").lower()
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    if tls is None and any(s in details for s in ("socket closed", "connection reset", "end of stream", "eof")):
+        return (" (this client connects without TLS (--insecure); a server that uses TLS closes such connections: "
+                "drop --insecure and give --credentials with the server's CA)")
+    if tls is not None and any(s in details for s in ("ssl", "handshake", "tls")):
+        return (" (the TLS handshake failed: the server may run without TLS (--insecure), or its certificate is not "
+                "signed by the CA in this client's credentials)")
+    return ""
 
 
 @dataclass
@@ -202,7 +218,8 @@ class _Worker:
         """The encoded result and the seconds of local work (encoding excluded)."""
         start = time.perf_counter()
         if task.header.kind == pb.FIT:
-            result, encode = run_fit(self.client, task.state, task.config, self.transforms), encode_update
+            codec = update_codec(self.transforms, Layout.of(task.state))  # the model's dtype, or compressed
+            result, encode = run_fit(self.client, task.state, task.config, self.transforms), partial(encode_update, codec=codec)
         elif task.header.kind == pb.EVALUATE:
             result, encode = self.client.evaluate(task.state, task.config), encode_metrics
         else:

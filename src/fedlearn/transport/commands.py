@@ -1,4 +1,4 @@
-"""The deployment subcommands of `fedlearn`: `server`, `client`, `certs`, `status`.
+"""The deployment subcommands of `fedlearn`: `server`, `client`, `certs`, `he-keys`, `status`.
 
 Heavy imports (gRPC, torch) happen inside the handlers, so `fedlearn --help` stays fast.
 """
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,9 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
     add_app_flags(server)
     server.add_argument("--address", help="HOST:PORT to listen on (overrides [server] address)")
     server.add_argument("--run-dir", help="run directory; restarting on the same one resumes the run")
+    server.add_argument("--resume", action="store_true",
+                        help="continue the run in the run directory for more rounds: the config may raise rounds "
+                             "and change nothing else")
     server.add_argument("--insecure", action="store_true", help="no TLS (plain text; a warning is logged)")
     server.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -57,7 +61,19 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
                              "sets dp_clip; the server adds the noise)")
     client.add_argument("--peer-keys", type=Path, metavar="ALLOWLIST",
                         help="check other clients' secure-aggregation signatures against this allow-list instead "
-                             "of the keys the server announces")
+                             "of the keys the server announces, and defend against a malicious server: refuse "
+                             "sparse (SecAgg+) graphs")
+    client.add_argument("--secagg-min-cohort", type=int, default=2, metavar="N",
+                        help="refuse secure-aggregation rounds with fewer than N clients (default 2)")
+    client.add_argument("--secagg-min-noise", type=float, default=0.0, metavar="Z",
+                        help="refuse distributed-DP rounds whose noise multiplier is below Z (default 0)")
+    client.add_argument("--he-key", type=Path, metavar="SECRET_CONTEXT",
+                        help="the secret CKKS context from `fedlearn he-keys` (for a server with [privacy] he = true)")
+
+    he_keys = sub.add_parser("he-keys", help="create the CKKS key for homomorphic-encryption aggregation",
+                             description="Write he_secret.ctx (give it to every client, never to the server) and "
+                                         "he_public.ctx (the server's [privacy] he_public_key).")
+    he_keys.add_argument("--out", type=Path, required=True, help="folder to write the two contexts to")
 
     certs = sub.add_parser("certs", help="create a CA, server certificate, client credentials and allow-list",
                            description="Create (or extend) a credentials folder. Run again on the same folder to "
@@ -130,17 +146,44 @@ def cmd_server(args: argparse.Namespace) -> int:
         if getattr(args, name):
             setattr(settings, name, getattr(args, name))
     settings.insecure = settings.insecure or args.insecure
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as Ctrl-C does, saying what was saved
     task = f"app {cfg.app['factory']}" if cfg.app else f"{cfg.dataset}, {cfg.strategy}"
     print(f"fedlearn server: {task}, {cfg.rounds} rounds, run directory {settings.run_dir}")
     try:
-        result = serve_app(cfg, settings, show_progress=not args.quiet,
+        result = serve_app(cfg, settings, show_progress=not args.quiet, resume=args.resume,
                            on_listening=lambda port: print(f"listening on port {port}", flush=True))
     except (NotEnoughClientsError, RoundFailedError, OSError) as exc:
         print(f"fedlearn: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"fedlearn: stopped; {_saved(settings.run_dir)} Connected clients keep trying to reconnect; the same "
+              f"command resumes the run from its last committed round.", file=sys.stderr)
+        return 130
     print(f"final test accuracy: {result.accuracy:.4f}  ({result.seconds:.1f}s)")
     print(f"run directory: {result.run_dir}")
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _saved(run_dir: str) -> str:
+    """What a stopped server left in `run_dir`, in a sentence."""
+    from ..server.store import RunStore
+
+    try:
+        store = RunStore(run_dir, readonly=True)
+    except (FileNotFoundError, OSError):
+        return f"no round was committed ({run_dir} holds no run store)."
+    try:
+        last = store.last_round() or 0
+    finally:
+        store.close()
+    if last == 0:
+        return f"no round was completed; the run store {Path(run_dir) / 'run.sqlite'} holds the initial model."
+    return (f"rounds 1-{last} are committed in {Path(run_dir) / 'run.sqlite'} (model, metrics, participants); "
+            "the round in progress, if any, is lost.")
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -150,6 +193,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     from .client_factory import builtin_client, user_client
     from ..privacy.central import CentralDPClient
     from .client_process import ClientRejected, run_client
+    from ..secagg.protocol import ClientPolicy
     from .secagg_handlers import load_peer_keys, secagg_handlers
 
     import torch
@@ -166,7 +210,13 @@ def cmd_client(args: argparse.Namespace) -> int:
         raise ConfigError("say where the data comes from: --client-index K (with --dataset ...) or --client-module")
     pinned = load_peer_keys(args.peer_keys) if args.peer_keys else None
     # secure aggregation needs nothing but these handlers: its settings come with each round's plan
-    handlers = secagg_handlers(bundle.client_id, bundle.identity, pinned)
+    policy = ClientPolicy(full_graph_only=pinned is not None, min_cohort=args.secagg_min_cohort,
+                          min_noise=args.secagg_min_noise)
+    handlers = secagg_handlers(bundle.client_id, bundle.identity, pinned, policy)
+    if args.he_key:
+        from ..he import HEClient
+
+        handlers.update(HEClient(args.he_key.read_bytes()).handlers())
     try:
         reason = run_client(client, args.server, identity=bundle.identity, tls=None if args.insecure else bundle.tls,
                             transforms=[CentralDPClient()] if args.central_dp else [], handlers=handlers,
@@ -197,6 +247,19 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_he_keys(args: argparse.Namespace) -> int:
+    from ..he import create_keys
+
+    secret, public = create_keys()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "he_secret.ctx").write_bytes(secret)
+    (args.out / "he_secret.ctx").chmod(0o600)
+    (args.out / "he_public.ctx").write_bytes(public)
+    print(f"CKKS key in {args.out}: he_secret.ctx for every client (--he-key; never give it to the server), "
+          "he_public.ctx for the server ([privacy] he_public_key)")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
@@ -222,7 +285,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "server": cmd_server, "client": cmd_client, "certs": cmd_certs, "status": cmd_status,
+    "server": cmd_server, "client": cmd_client, "certs": cmd_certs, "he-keys": cmd_he_keys, "status": cmd_status,
 }
 
 

@@ -1,8 +1,9 @@
 """Client identities: Ed25519 keys, the server's allow-list of registered clients, and the exact bytes each
 signature covers.
 
-A client proves who it is by signing the server's fresh challenge, and signs every result it sends, bound to
-the run id, its client id, the round, the task's nonce, the task kind and the payload's SHA-256. The
+A client proves who it is by signing the server's fresh challenge, and signs every field of every result it
+sends: the run id, its client id, the round, the task's nonce and kind, the payload's size and SHA-256, its
+training time and its error text. The
 allow-list is a text file, one registered client per line::
 
     # client_id  ed25519-public-key-hex
@@ -19,6 +20,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from . import fedlearn_pb2 as pb
 
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -136,8 +139,10 @@ def hello_message(run_id: str, client_id: str, challenge: bytes) -> bytes:
     return _transcript(b"fedlearn/hello/v1", run_id.encode(), client_id.encode(), challenge)
 
 
-def result_message(run_id: str, client_id: str, rnd: int, nonce: bytes, kind: int, payload_sha256: bytes,
-                   error: str) -> bytes:
-    """What a client signs for each result: binds it to this run, client, round, task and payload."""
-    return _transcript(b"fedlearn/result/v1", run_id.encode(), client_id.encode(), struct.pack(">Q", rnd),
-                       nonce, struct.pack(">I", kind), payload_sha256, error.encode())
+def result_message(header: pb.ResultHeader) -> bytes:
+    """What a client signs for each result: every field of its header, which binds the result to this run,
+    client, round, task and payload, and covers what it reports (its size, training time and error)."""
+    return _transcript(b"fedlearn/result/v2", header.run_id.encode(), header.client_id.encode(),
+                       struct.pack(">Q", header.round), header.nonce, struct.pack(">I", header.kind),
+                       struct.pack(">Q", header.payload_bytes), header.payload_sha256,
+                       struct.pack(">d", header.train_seconds), header.error.encode())

@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from ..compression import update_codec
 from ..params import Layout
 from ..messages import Message, decode_message, encode_message
 from ..serialize import SerializationError, decode_update, encode_state
 from ..server.pool import ClientPool
+from ..server.validate import MAX_COUNT, count_problem, metrics_problem
 from ..transforms.base import Transform
 from ..types import Config, EvalResult, Failure, State, Update
 from . import fedlearn_pb2 as pb
@@ -61,6 +63,7 @@ class Task:
     deadline_seconds: float
     result_limit: int  # largest result payload accepted for this task
     session: "Session"
+    codec: Any = None  # how this task's update is packed (fit tasks)
     result: Update | EvalResult | Failure | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -131,8 +134,11 @@ def _natural_key(client_id: str) -> list[tuple[int, int | str]]:
 class RemotePool(ClientPool):
     """Clients are remote processes; the round ends when all sampled clients answered or at the deadline.
 
-    `min_available` clients must be connected before `client_ids` returns (waiting up to `wait_timeout`
-    seconds); `fit_config` entries are sent with every fit task (the round's own instructions win).
+    Before each round `client_ids` waits for `min_available` connected clients; once `min_clients` are
+    connected it waits at most `proceed_after` seconds more and goes on with those it has. With fewer than
+    `min_clients` for `wait_timeout` seconds it raises `NotEnoughClientsError`. While waiting it logs what it
+    waits for every `log_every` seconds, and `waiting` says how many are connected of how many wanted.
+    `fit_config` entries are sent with every fit task (the round's own instructions win).
     """
 
     def __init__(
@@ -141,13 +147,18 @@ class RemotePool(ClientPool):
         *,
         round_deadline: float = 60.0,
         min_available: int = 1,
+        min_clients: int = 1,
+        proceed_after: float = 30.0,
         wait_timeout: float = 600.0,
+        log_every: float = 10.0,
         fit_config: Config | None = None,
     ) -> None:
         if round_deadline <= 0:
             raise ValueError(f"round_deadline must be positive, got {round_deadline}")
         self.run_id = run_id
         self.round_deadline, self.min_available, self.wait_timeout = round_deadline, min_available, wait_timeout
+        self.min_clients, self.proceed_after, self.log_every = min(min_clients, min_available), proceed_after, log_every
+        self.waiting: tuple[int, int] | None = None  # (connected, wanted) while `client_ids` waits
         self.fit_config = dict(fit_config or {})
         self._cond = threading.Condition()
         self._sessions: dict[str, Session] = {}
@@ -161,13 +172,39 @@ class RemotePool(ClientPool):
     # ----- what the round loop calls
     @property
     def client_ids(self) -> Sequence[str]:
-        """Connected clients in natural order, after waiting for `min_available` of them."""
+        """Connected clients in natural order, after the bounded wait described in the class docstring."""
+        start = next_log = time.monotonic()
+        quorum_since: float | None = None
+        logged = -1  # the count of connected clients last logged: a change is logged at once
         with self._cond:
-            if not self._cond.wait_for(lambda: len(self._sessions) >= self.min_available, self.wait_timeout):
-                raise NotEnoughClientsError(
-                    f"only {len(self._sessions)} of the {self.min_available} clients needed connected within "
-                    f"{self.wait_timeout:.0f}s; start more clients or lower wait_for_clients / clients_per_round"
-                )
+            try:
+                while (connected := len(self._sessions)) < self.min_available:
+                    now = time.monotonic()
+                    if connected >= self.min_clients:
+                        quorum_since = quorum_since or now
+                        if now - quorum_since >= self.proceed_after:
+                            log.warning("event=proceeding connected=%d wanted=%d waited=%.0fs: going on with the "
+                                        "clients connected", connected, self.min_available, now - start)
+                            break
+                    else:
+                        quorum_since = None
+                        if now - start >= self.wait_timeout:
+                            raise NotEnoughClientsError(
+                                f"only {connected} clients connected within {self.wait_timeout:.0f}s; a round needs "
+                                f"at least min_clients = {self.min_clients} (and waits for {self.min_available}); "
+                                "start more clients or lower min_clients / wait_for_clients / clients_per_round")
+                    self.waiting = (connected, self.min_available)
+                    if now >= next_log or connected != logged:
+                        then = (f"proceeding_in={self.proceed_after - (now - quorum_since):.0f}s" if quorum_since
+                                else f"min_clients={self.min_clients}")
+                        log.info("event=waiting_for_clients connected=%d wanted=%d %s", connected, self.min_available,
+                                 then)
+                        next_log, logged = now + self.log_every, connected
+                    ends = [next_log, start + self.wait_timeout] if quorum_since is None else \
+                        [next_log, quorum_since + self.proceed_after]
+                    self._cond.wait(max(0.0, min(ends) - now))
+            finally:
+                self.waiting = None
             return self.connected()
 
     def connected(self) -> list[str]:
@@ -179,8 +216,10 @@ class RemotePool(ClientPool):
         self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
     ) -> list[Update | Failure]:
         bodies = {cid: _Body(_round(c), encode_config({**self.fit_config, **c})) for cid, c in instructions.items()}
-        limit = RESULT_OVERHEAD + 8 * Layout.of(state).size  # a float64 delta
-        return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms]).values())
+        layout = Layout.of(state)
+        limit = RESULT_OVERHEAD + 8 * layout.size  # a float64 delta
+        codec = update_codec(transforms, layout)  # the server's choice, never the client's
+        return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms], codec=codec).values())
 
     def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
         bodies = {cid: _Body(_round(c), encode_config(c)) for cid, c in instructions.items()}
@@ -248,7 +287,10 @@ class RemotePool(ClientPool):
             return reason
         assert task is not None
         task.bytes_received, task.train_seconds = wire_bytes, float(header.train_seconds)
-        result = self._decode(task, header, payload)
+        try:
+            result = self._decode(task, header, payload)
+        except Exception as exc:  # noqa: BLE001 - whatever a client sent, only its own task fails
+            result = Failure(cid, "rejected", f"result could not be decoded ({type(exc).__name__}: {exc})"[:500])
         with self._cond:
             if task.result is None:  # the deadline may have passed while decoding
                 self._resolve(task, result, "replay: this task's result was already received")
@@ -261,7 +303,7 @@ class RemotePool(ClientPool):
 
     # ----- internals
     def _dispatch(self, kind: int, state: State | None, bodies: dict[str, "_Body"], result_limit: int,
-                  transforms: list[str] | None, deadline: float | None = None) -> dict[str, Any]:
+                  transforms: list[str] | None, deadline: float | None = None, codec: Any = None) -> dict[str, Any]:
         """Send one task per client and wait for all results or the deadline; results keep `bodies`' order."""
         start = time.monotonic()
         deadline = deadline or self.round_deadline
@@ -282,7 +324,7 @@ class RemotePool(ClientPool):
                                                           f"{MAX_HEADER_BODY} bytes a task header may carry")
                 else:
                     task = Task(os.urandom(NONCE_BYTES), cid, body.round, kind, body.config, body.message, payload,
-                                digest, deadline, result_limit, session)
+                                digest, deadline, result_limit, session, codec)
                     self._pending[task.nonce] = task
                     tasks[cid] = task
                     session.put(task)
@@ -303,9 +345,7 @@ class RemotePool(ClientPool):
             return f"cross-run: result is for run {header.run_id!r}, this server runs {self.run_id!r}"
         if header.client_id != session.client_id:
             return f"claims to be client {header.client_id!r} on the authenticated connection of {session.client_id!r}"
-        signed = result_message(header.run_id, header.client_id, header.round, header.nonce, header.kind,
-                                header.payload_sha256, header.error)
-        if not verify(session.public_hex, header.signature, signed):
+        if not verify(session.public_hex, header.signature, result_message(header)):
             return f"forged: signature does not verify with the registered key of client {session.client_id!r}"
         return None
 
@@ -330,16 +370,22 @@ class RemotePool(ClientPool):
         try:
             if task.kind == pb.EVALUATE:
                 metrics = decode_metrics(payload)
-                return EvalResult(cid, int(metrics.get("num_examples", 0)), metrics)
+                count = metrics.get("num_examples", 0.0)
+                problem = metrics_problem(metrics) or (None if float(count).is_integer() and 0 <= count <= MAX_COUNT
+                                                       else f"num_examples must be a count, got {count!r}")
+                if problem is not None:
+                    return Failure(cid, "rejected", f"evaluation result rejected: {problem}")
+                return EvalResult(cid, int(count), metrics)
             if task.kind == pb.EXCHANGE:
                 return decode_message(payload)
-            update = decode_update(payload)
+            update = decode_update(payload, codec=task.codec)
         except SerializationError as exc:
             return Failure(cid, "rejected", f"update rejected: {exc}")
         if update.client_id != cid or update.round != task.round:
             return Failure(cid, "rejected", f"update rejected: it names client {update.client_id!r} round "
                                             f"{update.round}, the task was for {cid!r} round {task.round}")
-        return update
+        problem = count_problem(update.num_examples) or metrics_problem(update.metrics)
+        return Failure(cid, "rejected", f"update rejected: {problem}") if problem is not None else update
 
     def _resolve(self, task: Task, result: Update | EvalResult | Failure, closed_reason: str) -> None:
         """Under the lock: settle `task` and remember why its nonce accepts nothing more."""

@@ -6,7 +6,8 @@ Neighbours' signatures are checked against identity public keys from one of two 
   server and against anyone between the clients and the server, but a malicious server could announce
   keys of its own making;
 - a pinned allow-list (`fedlearn client --peer-keys`), distributed to clients out of band. Then even the
-  server cannot impersonate a client in the key exchange.
+  server cannot impersonate a client in the key exchange. `fedlearn client --peer-keys` also refuses sparse
+  graphs (`ClientPolicy.full_graph_only`): against a malicious server only the full graph is claimed safe.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from ..messages import ClientSession, Handler, Message
 from ..secagg import SecAggClient, SecAggError
-from ..secagg.protocol import ADVERTISE, IDENTITY_KEYS
+from ..secagg.protocol import ADVERTISE, IDENTITY_KEYS, ClientPolicy
 from .identity import AllowList, Identity
 
 
@@ -24,7 +25,8 @@ def load_peer_keys(path: str | Path) -> dict[str, bytes]:
     return {cid: bytes.fromhex(hex_key) for cid, hex_key in AllowList.load(path).keys.items()}
 
 
-def secagg_handlers(client_id: str, identity: Identity, pinned: Mapping[str, bytes] | None = None) -> dict[str, Handler]:
+def secagg_handlers(client_id: str, identity: Identity, pinned: Mapping[str, bytes] | None = None,
+                    policy: ClientPolicy = ClientPolicy()) -> dict[str, Handler]:
     """Handlers for the secure-aggregation stages of client `client_id`. With `pinned` (from
     `load_peer_keys`) the keys the server announces are ignored; otherwise they are taken each round,
     after checking that the server announces this client's own key correctly."""
@@ -35,7 +37,7 @@ def secagg_handlers(client_id: str, identity: Identity, pinned: Mapping[str, byt
             raise SecAggError(f"client {client_id!r} was asked to sign as {cid!r}")
         return identity.sign(message)
 
-    handlers = SecAggClient(sign, registry).handlers()
+    handlers = SecAggClient(sign, registry, policy).handlers()
     advertise = handlers[ADVERTISE]
 
     def advertise_with_server_keys(session: ClientSession, message: Message) -> Message:

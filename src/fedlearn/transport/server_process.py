@@ -15,18 +15,19 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..app import App
 from ..config import ConfigError, SimulationConfig, load_toml
+from ..metrics import MetricAggregation, weighted_mean_metrics
+from ..params import Layout
 from ..privacy import PrivacyConfig, PrivacySetup, build_privacy
 from ..progress import RoundProgress
 from ..server import ClientSampler, RunStore, Server
 from ..server.anomaly import AnomalyChecks
+from ..server.async_loop import AsyncServer, AsyncSettings, ThreadExecutor
 from ..server.protocol import RoundProtocol
 from ..server.round_loop import CentralEval
 from ..server.sampling import PoissonSampler
 from ..server.store import RoundRecord
-from ..app import App
-from ..metrics import MetricAggregation, weighted_mean_metrics
-from ..params import Layout
 from ..simulate import SimulationResult, task_app, write_outputs
 from ..simulation.robustness import robustness_setup
 from ..strategies import Strategy
@@ -48,7 +49,9 @@ class ServerSettings:
     """The [server] section of server.toml: where to listen, how to secure it, how long to wait.
 
     Relative paths are relative to the config file's folder. `client_ca` turns on mutual TLS.
-    `wait_for_clients` = 0 waits for as many clients as a round samples (1 when sampling a fraction).
+    `wait_for_clients` = 0 waits for as many clients as a round samples (1 when sampling a fraction); once
+    `min_clients` are connected a round waits at most `proceed_after` seconds for the rest, then goes on with
+    the clients it has. `wait_timeout` is how long it waits for `min_clients` before giving up.
     """
 
     address: str = "0.0.0.0:8443"
@@ -61,11 +64,12 @@ class ServerSettings:
     round_deadline: float = 120.0
     wait_for_clients: int = 0
     wait_timeout: float = 600.0
+    proceed_after: float = 30.0
     max_connections: int = 256
     handshake_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("round_deadline", "wait_timeout", "handshake_timeout"):
+        for name in ("round_deadline", "wait_timeout", "handshake_timeout", "proceed_after"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"[server] {name} must be > 0, got {getattr(self, name)}")
         if self.wait_for_clients < 0 or self.max_connections < 1:
@@ -100,7 +104,11 @@ def load_server_config(path: str | Path) -> tuple[SimulationConfig, ServerSettin
 class DeploymentServer:
     """Serves a federated run to remote clients: `start()` listens, `run()` runs the rounds, `stop()` ends.
 
-    The arguments are those of `Server`; a multi-exchange `protocol` (secure aggregation) runs its stages
+    The run directory belongs to `run_config` (default: `Server.describe()` and `rounds`): another
+    configuration is refused, and `resume` may raise only `rounds`. The other arguments are those of `Server`
+    (`max_examples` caps the example count, the aggregation weight, a client may claim; None: no cap); with
+    `asynchronous` settings the run is FedBuff (`AsyncServer`, `rounds` server steps) over the connected
+    clients, which may join and leave at any time. A multi-exchange `protocol` (secure aggregation) runs its stages
     through the pool, and each client process needs the protocol's `client_handlers()` (`run_client`; for
     secure aggregation `secagg_handlers`). `sampler` replaces the count / fraction sampler.
     """
@@ -116,6 +124,7 @@ class DeploymentServer:
         fraction: float | None = None,
         min_clients: int = 1,
         eval_clients: int = 0,
+        max_examples: int | None = None,
         central_eval: CentralEval | None = None,
         transforms: Sequence[Transform] = (),
         anomaly_checks: AnomalyChecks | None = AnomalyChecks(),
@@ -124,26 +133,48 @@ class DeploymentServer:
         fit_config: Config | None = None,
         evaluate_metrics: MetricAggregation = weighted_mean_metrics,
         seed: int = 0,
-        meta: dict[str, Any] | None = None,
+        run_config: dict[str, Any] | None = None,
+        resume: bool = False,
+        asynchronous: AsyncSettings | None = None,
     ) -> None:
         if clients_per_round is None and fraction is None:
             fraction = 1.0
         AllowList.load(settings.allow_list)  # fail now, not at the first connection
         self.settings, self.rounds = settings, rounds
         self.store = RunStore(settings.run_dir)
-        for key, value in (meta or {}).items():
-            self.store.set_meta(key, value)
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex
-        self.store.set_meta("run_id", self.run_id)
         self.pool = RemotePool(self.run_id, round_deadline=settings.round_deadline,
                                min_available=settings.wait_for_clients or clients_per_round or 1,
-                               wait_timeout=settings.wait_timeout)
-        self.server = Server(self.pool, strategy, initial_state,
-                             sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
-                             min_clients=min_clients,
-                             transforms=transforms, central_eval=central_eval, eval_clients=eval_clients,
-                             store=self.store, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol,
-                             fit_config=fit_config, evaluate_metrics=evaluate_metrics)
+                               min_clients=min_clients, proceed_after=settings.proceed_after,
+                               wait_timeout=settings.wait_timeout, fit_config=fit_config)
+        if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
+            if protocol is not None or sampler is not None or eval_clients:
+                self.store.close()
+                raise ConfigError("asynchronous mode takes no round protocol (secure aggregation), sampler or "
+                                  "federated evaluation: clients train whenever they are connected and idle")
+            config = run_config or {"asynchronous": asdict(asynchronous), "strategy": type(strategy).__qualname__,
+                                    "rounds": rounds}
+        else:
+            self.server: Server | AsyncServer = Server(
+                self.pool, strategy, initial_state, sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
+                min_clients=min_clients, max_examples=max_examples, transforms=transforms, central_eval=central_eval,
+                eval_clients=eval_clients, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol,
+                evaluate_metrics=evaluate_metrics)
+            config = run_config or {**self.server.describe(), "rounds": rounds}
+        try:
+            self.store.bind_config(config, resume=resume)
+        except ValueError:
+            self.store.close()
+            raise
+        self.store.set_meta("run_id", self.run_id)
+        self.store.set_meta("server", asdict(settings))
+        if asynchronous is not None:
+            self.server = AsyncServer(
+                ThreadExecutor(self.pool, self.pool.connected), strategy, initial_state, **asynchronous.server_args(),
+                transforms=transforms, anomaly_checks=anomaly_checks, central_eval=central_eval, store=self.store,
+                seed=seed)
+        else:
+            self.server.attach(self.store)
         self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout,
                                model_layout=Layout.of(initial_state))
         self.phase = "waiting"
@@ -160,7 +191,11 @@ class DeploymentServer:
         return port
 
     def run(self, show_progress: bool = False) -> SimulationResult:
-        """Run the remaining rounds, tell the clients the run is over, and write the run directory."""
+        """Run the remaining rounds, tell the clients the run is over, and write the run directory.
+
+        Only a run that completed tells the clients it is over: if the run ends with an exception (or the
+        process is interrupted), connected clients just lose their connection and keep reconnecting, so a
+        server restarted on the same run directory resumes with them."""
         start = time.perf_counter()
         self.phase, self._round_started = "running", start
         try:
@@ -169,9 +204,11 @@ class DeploymentServer:
                     history = self.server.run(self.rounds, [self._log_round, progress])
             else:
                 history = self.server.run(self.rounds, [self._log_round])
-        finally:
-            self.phase = "finished"
-            self.pool.finish(f"run {self.run_id} is over after round {self.server.round}")
+        except BaseException as exc:
+            self.phase = f"stopped after round {self.server.round}: {type(exc).__name__}"
+            raise
+        self.phase = "finished"
+        self.pool.finish(f"run {self.run_id} is over after round {self.server.round}")
         result = SimulationResult(history, self.server.state, Path(self.settings.run_dir), time.perf_counter() - start)
         write_outputs(result)
         return result
@@ -183,8 +220,9 @@ class DeploymentServer:
         self.store.close()
 
     def status(self) -> pb.StatusReply:
-        rounds = self.server.history.rounds
-        return pb.StatusReply(run_id=self.run_id, state=self.phase, round=self.server.round, total_rounds=self.rounds,
+        rounds, waiting = self.server.history.rounds, self.pool.waiting
+        state = f"waiting for clients: {waiting[0]} of {waiting[1]} connected" if waiting else self.phase
+        return pb.StatusReply(run_id=self.run_id, state=state, round=self.server.round, total_rounds=self.rounds,
                               connected_clients=self.pool.connected(), last_metrics=rounds[-1].metrics if rounds else {},
                               rejected_results=self.pool.rejected_count)
 
@@ -222,12 +260,15 @@ def deployment_privacy(cfg: SimulationConfig, settings: ServerSettings, strategy
 
 
 def serve_app(cfg: SimulationConfig, settings: ServerSettings, app: App | None = None, *,
-              show_progress: bool = False, on_listening: Callable[[int], None] | None = None) -> SimulationResult:
+              show_progress: bool = False, resume: bool = False,
+              on_listening: Callable[[int], None] | None = None) -> SimulationResult:
     """Serve a task until done: `app`, else the one `cfg.app` names ([app] in server.toml, --app), else the
     built-in task of `cfg` (an ordinary app too). `cfg` supplies the run settings (rounds, sampling,
     robust aggregation, anomaly checks, privacy); the app's `fit_config` is sent with every fit task, so
     all clients train as configured here. Clients whose model differs from the app's are refused when
     they connect, with the first differing parameter. `on_listening(port)` is called once listening.
+    A restart on the same run directory with the same configuration resumes the run; with `resume` it may
+    also raise `rounds`.
     """
     if cfg.attack:
         raise ConfigError("attacks are simulated only; remove the [attack] section from the server config")
@@ -238,11 +279,12 @@ def serve_app(cfg: SimulationConfig, settings: ServerSettings, app: App | None =
     server = DeploymentServer(
         app.initial(cfg.seed), robust.strategy, rounds=cfg.rounds, settings=settings,
         clients_per_round=cfg.clients_per_round, fraction=cfg.fraction, min_clients=robust.min_clients,
-        eval_clients=cfg.eval_clients, central_eval=robust.app.central_eval, evaluate_metrics=app.evaluate_metrics,
+        eval_clients=cfg.eval_clients, max_examples=cfg.max_examples, central_eval=robust.app.central_eval,
+        evaluate_metrics=app.evaluate_metrics,
         # secure aggregation hides individual updates, so the anomaly checks have nothing to screen
         anomaly_checks=None if privacy.protocol is not None else robust.anomaly_checks,
         transforms=privacy.transforms, protocol=privacy.protocol, sampler=privacy.sampler,
-        fit_config=app.fit_config, seed=cfg.seed, meta={"config": cfg.to_dict(), "server": asdict(settings)},
+        fit_config=app.fit_config, seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
     )
     try:
         port = server.start()

@@ -1,0 +1,107 @@
+"""Asynchronous (FedBuff) vs synchronous FedAvg on the same slow, unreliable fleet, timed on the virtual clock.
+
+Workload: FEMNIST writers (see femnist_task.py). Fleet (seeded, the same for every row): each writer's median
+task time is lognormal, exp(N(0, --speed-sigma)) seconds (heavy-tailed: with sigma 1.5 the slowest of 10 is
+typically ~10x the median), per-task jitter exp(N(0, 0.2)), and each writer goes offline for exponential
+periods (mean --offline s) between online periods (mean --online s); a task in flight when its writer goes
+offline is lost.
+
+Rows:
+  sync            FedAvg, --cohort writers per round, the round waits for all of them (no deadline)
+  sync+deadline   the same with a deadline (--deadline s) that drops stragglers
+  fedbuff         FedBuff: --concurrency writers training at once, a server step every K = --cohort results,
+                  staleness weight 1/sqrt(1+s), results more than --max-staleness steps old dropped
+Every row makes the same number of server steps (--rounds), each from K = --cohort accepted updates at best,
+with the model evaluated centrally after each. Columns: virtual seconds to reach --target test accuracy
+(first step at or above it), final accuracy and mean of the last 5 evaluations, total virtual time, and the
+speed-up over sync in time to target.
+
+    PYTHONPATH=src python benchmarks/async.py [--rounds 60] [--target 0.6] [--speed-sigma 1.5]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from femnist_task import FemnistTask  # noqa: E402
+
+from fedlearn import FedAvg, InProcessPool, Server  # noqa: E402
+from fedlearn.server import ClientSampler  # noqa: E402
+from fedlearn.server.async_loop import AsyncServer  # noqa: E402
+from fedlearn.server.store import RoundRecord  # noqa: E402
+from fedlearn.simulation.clock import Fleet, VirtualClock  # noqa: E402
+from fedlearn.simulation.clocked import ClockedPool, VirtualExecutor  # noqa: E402
+
+
+def run_row(name: str, task: FemnistTask, args: argparse.Namespace) -> list[tuple[float, float]]:
+    """(virtual time, test accuracy) after each server step."""
+    fleet = Fleet(seed=args.seed, task_seconds=1.0, speed_sigma=args.speed_sigma, jitter_sigma=0.2,
+                  mean_online=args.online, mean_offline=args.offline)
+    clock = VirtualClock(fleet)
+    pool = InProcessPool(task.client, task.client_ids)
+    curve: list[tuple[float, float]] = []
+
+    def record(r: RoundRecord) -> None:
+        curve.append((clock.now, r.metrics["test_accuracy"]))
+
+    if name == "fedbuff":
+        server = AsyncServer(VirtualExecutor(pool, clock), FedAvg(), task.initial_state, buffer_size=args.cohort,
+                             concurrency=args.concurrency, max_staleness=args.max_staleness,
+                             central_eval=task.central_eval, seed=args.seed)
+        server.run(args.rounds, [record])
+    else:
+        deadline = args.deadline if name == "sync+deadline" else None
+        clocked = ClockedPool(pool, clock, deadline=deadline, min_online=args.cohort)
+        server = Server(clocked, FedAvg(), task.initial_state, sampler=ClientSampler(args.cohort, seed=args.seed),
+                        central_eval=task.central_eval, seed=args.seed, max_failed_rounds=args.rounds)
+        server.run(args.rounds, [record])
+    return curve
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float:
+    return next((t for t, acc in curve if acc >= target), math.inf)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--target", type=float, default=0.6)
+    parser.add_argument("--cohort", type=int, default=10, help="sync clients per round = FedBuff buffer size K")
+    parser.add_argument("--concurrency", type=int, default=30)
+    parser.add_argument("--max-staleness", type=int, default=20)
+    parser.add_argument("--deadline", type=float, default=3.0)
+    parser.add_argument("--speed-sigma", type=float, default=1.5)
+    parser.add_argument("--online", type=float, default=300.0)
+    parser.add_argument("--offline", type=float, default=60.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", default="sync,sync+deadline,fedbuff")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    task = FemnistTask(seed=args.seed)
+    curves = {}
+    for name in args.rows.split(","):
+        start = time.perf_counter()
+        curves[name] = run_row(name, task, args)
+        print(f"  {name}: {time.perf_counter() - start:.0f}s wall", file=sys.stderr, flush=True)
+    base = time_to(curves.get("sync", []), args.target)
+    print(f"\nFEMNIST, {len(task.client_ids)} writers, {args.rounds} server steps of {args.cohort} updates; lognormal "
+          f"speeds sigma={args.speed_sigma}, online/offline means {args.online:g}/{args.offline:g}s; target "
+          f"accuracy {args.target:.2f}")
+    head = f"{'row':<15}{'time to target':>15}{'speed-up':>10}{'final acc':>10}{'last-5 acc':>11}{'total time':>11}"
+    print(head + "\n" + "-" * len(head))
+    for name, curve in curves.items():
+        t = time_to(curve, args.target)
+        speedup = f"{base / t:.1f}x" if math.isfinite(t) and math.isfinite(base) else "-"
+        accs = [a for _, a in curve]
+        print(f"{name:<15}{t:>15.1f}{speedup:>10}{accs[-1]:>10.4f}{np.mean(accs[-5:]):>11.4f}{curve[-1][0]:>11.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Subcommands that read a run directory: `audit verify|prove|consistency`, `report contributions`,
+`dashboard`. None of them writes to the run store, so they are safe on a run that is still going."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    audit = sub.add_parser("audit", help="verify a run's audit log or print proofs from it",
+                           description="The audit log: one Merkle-tree record per round with signed tree heads.")
+    steps = audit.add_subparsers(dest="audit_command", required=True)
+    verify = steps.add_parser("verify", help="recompute the log from the run store and report any tampering")
+    verify.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    verify.add_argument("--head", type=Path, action="append", default=[], metavar="FILE",
+                        help="a tree head (or a client's receipt) held outside the run directory; the log must "
+                             "extend it (repeatable)")
+    verify.add_argument("--key", metavar="HEX|FILE",
+                        help="the server's audit public key (hex, or a file holding it); default: the key the run "
+                             "store names, which only proves anything against someone without the private key")
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    prove = steps.add_parser("prove", help="print the receipt (head, record, inclusion proof) of a client's round")
+    prove.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    prove.add_argument("--client", required=True, metavar="ID")
+    prove.add_argument("--round", type=int, required=True, metavar="R")
+    consistency = steps.add_parser("consistency", help="print the proof that the log extends an earlier head")
+    consistency.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    consistency.add_argument("--head", type=Path, required=True, metavar="FILE", help="the earlier head or receipt")
+
+    report = sub.add_parser("report", help="reports from a run directory: `report contributions RUN_DIR`")
+    report.add_argument("what", choices=["contributions"], help="which report")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.add_argument("--budget", type=float, default=100.0, help="amount to split (default 100)")
+    report.add_argument("--method", default="gtg", help="score to split by: gtg, loo, exact, cosine (default gtg)")
+    report.add_argument("--out", type=Path, help="write the CSV here instead of standard output")
+
+    dashboard = sub.add_parser("dashboard", help="serve a read-only dashboard of a run on 127.0.0.1",
+                               description="Rounds, timing, metric curves, failures and flagged updates, privacy, "
+                                           "contributions and the audit log of a finished or running run.")
+    dashboard.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    dashboard.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 picks one)")
+
+
+def _public_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    text = Path(value).read_text().strip() if Path(value).is_file() else value.strip()
+    try:
+        if len(bytes.fromhex(text)) == 32:
+            return text.lower()
+    except ValueError:
+        pass
+    raise ConfigError(f"--key must be 64 hex digits or a file holding them, got {value!r}")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit.receipts import load_head
+    from .audit.verify import consistency, prove, verify_run
+
+    if args.audit_command == "prove":
+        print(json.dumps(prove(args.run_dir, args.client, args.round).to_json(), indent=1))
+        return 0
+    if args.audit_command == "consistency":
+        old = load_head(args.head)
+        head, proof = consistency(args.run_dir, old.size)
+        print(json.dumps({"old": old.to_json(), "head": head.to_json(), "proof": [p.hex() for p in proof]}, indent=1))
+        return 0
+    result = verify_run(args.run_dir, heads=[load_head(p) for p in args.head], public_key=_public_key(args.key))
+    if args.json:
+        print(json.dumps({"ok": result.ok, "size": result.size, "root": result.root, "public_key": result.public_key,
+                          "pinned": result.pinned, "problems": result.problems}, indent=1))
+    else:
+        for problem in result.problems:
+            print(f"FAIL: {problem}")
+        state = "OK" if result.ok else f"{len(result.problems)} problem(s)"
+        print(f"audit log of {args.run_dir}: {state}; {result.size} records, root {result.root}, "
+              f"{'pinned' if result.pinned else 'stored'} key {result.public_key[:16]}...")
+        if not result.pinned:
+            print("note: signatures were checked with the key the run store names; pass --key or --head to check "
+                  "against what you hold outside this directory")
+    return 0 if result.ok else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .contributions.payout import payout_csv, payout_split
+    from .server.store import RunStore
+
+    store = RunStore(args.run_dir, readonly=True)
+    try:
+        ledger = store.contribution_ledger()
+    finally:
+        store.close()
+    if not ledger:
+        raise ConfigError(f"the run in {args.run_dir} has no contribution scores; run with [contributions] "
+                          "(e.g. `fedlearn simulate --contributions gtg,cosine`)")
+    text = payout_csv(payout_split(ledger, args.method, args.budget))
+    if args.out:
+        args.out.write_text(text)
+        print(f"payout split of {args.budget:g} by {args.method} written to {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard.server import serve_run
+
+    serve_run(args.run_dir, port=args.port)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "audit": cmd_audit, "report": cmd_report, "dashboard": cmd_dashboard,
+}
