@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlearn import decode_state
+from fedlearn import RunStore, decode_state
 from fedlearn.cli import main
 
 QUICK = ["--num-clients", "20", "--clients-per-round", "4", "--local-epochs", "1", "--eval-clients", "2", "--quiet"]
@@ -107,3 +107,28 @@ def test_killed_run_resumes_to_the_same_final_model(tmp_path):
 def _without_seconds(path: Path) -> list[list[str]]:
     """The metrics CSV without its wall-time column (which differs between two runs of the same rounds)."""
     return [row[:1] + row[2:] for row in csv.reader(path.read_text().splitlines())]
+
+
+def test_report_summarizes_a_run_and_compares_two_side_by_side(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["simulate", "--rounds", "2", "--run-dir", str(a), *QUICK]) == 0
+    assert main(["simulate", "--rounds", "3", "--run-dir", str(b), "--crash-rate", "0.5", *QUICK]) == 0
+    capsys.readouterr()
+    assert main(["report", str(a)]) == 0
+    single = capsys.readouterr().out
+    store = RunStore(a)
+    history = store.history()
+    store.close()
+    accuracies = [r.metrics["test_accuracy"] for r in history]
+    best_round = int(np.argmax(accuracies)) + 1
+    assert next(line for line in single.splitlines() if line.startswith("final test_accuracy ")).split()[-1] == \
+        f"{accuracies[-1]:.4f}"
+    assert f"{max(accuracies):.4f} (round {best_round})" in single
+    assert next(line for line in single.splitlines() if line.startswith("rounds ")).split()[1:] == ["2", "of", "2"]
+    assert main(["report", str(a), str(b)]) == 0
+    both = capsys.readouterr().out.splitlines()
+    failures = next(line for line in both if line.startswith("failures"))
+    crashes = sum(f.kind == "crash" for r in RunStore(b).history() for f in r.failures)
+    assert failures.split()[1] == "none" and f"crash {crashes}" in failures and crashes > 0
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
