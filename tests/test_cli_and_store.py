@@ -44,7 +44,7 @@ def test_toml_config_is_read_and_flags_override_it(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--alpha", "-1"], "alpha must be > 0"),
     (["--dataset", "cifar"], "dataset must be one of"),
-    (["--strategy", "fedprox", "-p", "nu=1"], "bad parameters for strategy 'fedprox'"),
+    (["--strategy", "fedprox", "-p", "nu=1"], "strategy 'fedprox' has no parameter 'nu'"),
     (["--strategy", "nope"], "unknown strategy 'nope'"),
     (["--clients-per-round", "500"], "cannot sample 500 clients"),
     (["--config", "/nonexistent.toml"], "does not exist"),
