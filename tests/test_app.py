@@ -150,3 +150,12 @@ def test_a_client_with_another_model_is_refused_at_connection_naming_the_paramet
 def test_an_app_needs_a_model():
     with pytest.raises(ValueError, match="model_fn or initial_state"):
         App(strategy="fedavg")
+
+
+def test_the_apps_fit_config_reaches_every_client_with_each_task():
+    x, y = np.random.default_rng(0).normal(size=(20, 64)).astype(np.float32), np.arange(20) % 10
+    app = App(model_fn=digits_model, client_fn=lambda cid: TorchClient(cid, digits_model, x, y, lr=0.5),
+              client_ids=["0", "1"], fit_config={"lr": 0.0})  # the server's lr overrides the client's default
+    result = run_simulation(app=app, rounds=1)
+    for name, value in app.initial().items():
+        np.testing.assert_array_equal(result.final_state[name], value)
