@@ -83,7 +83,7 @@ def server_toml(rounds: int, clients: int, *, port: int = 0, privacy: str = "") 
 
 
 class ServerThread:
-    """`serve_builtin(cfg, settings)` in a thread: `start()` returns the port once it listens, `join()` the
+    """`serve_app(cfg, settings)` in a thread: `start()` returns the port once it listens, `join()` the
     run's result (None if it failed)."""
 
     def __init__(self, cfg, settings) -> None:
@@ -92,9 +92,9 @@ class ServerThread:
         self._thread = threading.Thread(target=self._serve, args=(cfg, settings))
 
     def _serve(self, cfg, settings) -> None:
-        from fedlearn.transport.server_process import serve_builtin
+        from fedlearn.transport.server_process import serve_app
         try:
-            self.outcome["result"] = serve_builtin(
+            self.outcome["result"] = serve_app(
                 cfg, settings, on_listening=lambda port: (self.outcome.update(port=port), self._listening.set()))
         finally:
             self._listening.set()

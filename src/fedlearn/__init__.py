@@ -1,10 +1,12 @@
 """fedlearn: federated learning with one round loop for simulation and deployment."""
 from .aggregators import make_aggregator
+from .app import App, load_app
 from .audit.verify import verify_run
 from .client import Client
 from .compression import QSGD, Cast, RandomK, TopK
 from .config import ConfigError, SimulationConfig
 from .contributions import ContributionAccounting
+from .metrics import classification_metrics, weighted_mean_metrics
 from .params import Layout, LayoutError
 from .privacy import CentralDP, LocalDP, gaussian_epsilon, noise_for_epsilon
 from .serialize import SerializationError, decode_state, decode_update, encode_state, encode_update
@@ -31,4 +33,5 @@ __all__ = [
     "AsyncServer", "AsyncSettings", "ThreadExecutor", "staleness_weight", "Fleet", "VirtualClock", "ClockedPool",
     "VirtualExecutor", "WirePool", "QSGD", "TopK", "RandomK", "Cast",
     "verify_run", "ContributionAccounting",
+    "App", "load_app", "classification_metrics", "weighted_mean_metrics",
 ]

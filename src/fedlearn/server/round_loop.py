@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +25,11 @@ import numpy as np
 
 from ..audit.record import update_digest
 from ..contributions.accounting import ContributionAccounting
+from ..metrics import MetricAggregation, weighted_mean_metrics
 from ..params import Layout
 from ..strategies.base import Strategy
 from ..transforms.base import StopRun, Transform
-from ..types import EvalResult, Failure, Metrics, State, Update
+from ..types import Config, EvalResult, Failure, Metrics, State, Update
 from .anomaly import AnomalyChecks
 from .pool import ClientPool
 from .protocol import RoundAborted, RoundProtocol
@@ -47,15 +49,25 @@ class RoundFailedError(RuntimeError):
 
 @dataclass
 class History:
-    """Metrics of every completed round."""
+    """Every completed round of a run, in order: `rounds[i]` is a `RoundRecord` (round number, metrics,
+    participants, failures with reasons). The metric names are listed in `fedlearn.metrics`
+    (``test_accuracy`` for the server's evaluation, ``fed_accuracy`` for the clients', ...)."""
 
     rounds: list[RoundRecord] = field(default_factory=list)
 
     def metric(self, name: str) -> list[float]:
-        return [r.metrics[name] for r in self.rounds if name in r.metrics]
+        """The values of metric `name` over the rounds that recorded it, in round order. A name no round
+        recorded raises `KeyError` listing the names that exist."""
+        values = [r.metrics[name] for r in self.rounds if name in r.metrics]
+        if not values and self.rounds:
+            known = sorted({k for r in self.rounds for k in r.metrics})
+            raise KeyError(f"no round recorded metric {name!r}; recorded metrics: {', '.join(known)} "
+                           "(names are listed in fedlearn.metrics)")
+        return values
 
     @property
     def last(self) -> dict[str, float]:
+        """The metrics of the last completed round (empty before the first)."""
         return self.rounds[-1].metrics if self.rounds else {}
 
 
@@ -80,6 +92,8 @@ class Server:
         protocol: RoundProtocol | None = None,
         max_examples: int | None = None,
         contributions: ContributionAccounting | None = None,
+        fit_config: Config | None = None,
+        evaluate_metrics: MetricAggregation = weighted_mean_metrics,
     ) -> None:
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
@@ -94,6 +108,7 @@ class Server:
         self.central_eval, self.eval_clients = central_eval, eval_clients
         self.store, self.seed, self.max_failed_rounds = None, seed, max_failed_rounds
         self.anomaly_checks, self.max_examples, self.contributions = anomaly_checks, max_examples, contributions
+        self.fit_config, self.evaluate_metrics = dict(fit_config or {}), evaluate_metrics
         self.protocol = protocol or RoundProtocol()
         self.protocol.check(strategy)
         for transform in self.transforms:
@@ -170,11 +185,12 @@ class Server:
     def run_round(self, rnd: int) -> RoundRecord:
         """One complete round, committed to the store; a failed round (too few usable updates, or a protocol
         that aborted) keeps the model."""
+        started = time.perf_counter()
         state = self.state
         settings = {k: v for transform in self.transforms for k, v in transform.configure(rnd).items()}
         cohort = self.sampler.sample(self.pool.client_ids, rnd)
         instructions = {
-            cid: {**self.strategy.configure_fit(rnd, cid), **settings, "round": rnd,
+            cid: {**self.fit_config, **self.strategy.configure_fit(rnd, cid), **settings, "round": rnd,
                   "seed": client_seed(self.seed, rnd, cid)}
             for cid in cohort
         }
@@ -224,6 +240,7 @@ class Server:
         if self.store is not None:
             self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures,
                                     note, evidence=evidence)
+        record.seconds = time.perf_counter() - started
         self.round = rnd
         self.history.rounds.append(record)
         return record
@@ -279,14 +296,9 @@ class Server:
             problem = count_problem(r.num_examples, minimum=0) or metrics_problem(r.metrics)
             if problem is not None:
                 log.info("round %d: evaluation result of client %s ignored: %s", rnd, r.client_id, problem)
-            elif r.num_examples > 0:
+            else:
                 usable.append(r)
-        results = usable
-        if not results:
-            return {}
-        weights = np.array([r.num_examples for r in results], dtype=np.float64)
-        keys = set.intersection(*(set(r.metrics) for r in results)) - {"num_examples"}
-        return {f"fed_{k}": float(np.average([r.metrics[k] for r in results], weights=weights)) for k in sorted(keys)}
+        return {f"fed_{k}": float(v) for k, v in self.evaluate_metrics(usable).items()}
 
 
 def _scalars(obj: object) -> dict[str, Any]:

@@ -59,6 +59,7 @@ class RoundRecord:
     participants: list[str]
     failures: list[Failure] = field(default_factory=list)
     note: str = ""
+    seconds: float = 0.0  # wall-clock time of the round (read back: the time since the previous commit)
 
 
 def _owner_only(path: Path) -> None:
@@ -263,16 +264,19 @@ class RunStore:
     def history(self) -> list[RoundRecord]:
         """Every committed round after round 0, in order."""
         rows = self._conn.execute(
-            "SELECT round, metrics, participants, failures, note FROM rounds WHERE round > 0 ORDER BY round"
+            "SELECT round, metrics, participants, failures, note, committed_at FROM rounds ORDER BY round"
         ).fetchall()
         return [
-            RoundRecord(r, json.loads(m), json.loads(p), [Failure(*f) for f in json.loads(fl)], note)
-            for r, m, p, fl, note in rows
+            RoundRecord(r, json.loads(m), json.loads(p), [Failure(*f) for f in json.loads(fl)], note,
+                        seconds=max(0.0, at - previous[5]))
+            for previous, (r, m, p, fl, note, at) in zip(rows, rows[1:])
         ]
 
 
 def stored_config(run_dir: str | Path) -> dict[str, Any]:
     """The configuration of the run stored in `run_dir` (to resume it); `ValueError` if there is none."""
+    if not Path(run_dir).exists():
+        raise ValueError(f"cannot resume: the run directory {run_dir} does not exist")
     if not (Path(run_dir) / DB_NAME).exists():
         raise ValueError(f"cannot resume: {run_dir} holds no run store ({DB_NAME})")
     store = RunStore(run_dir)

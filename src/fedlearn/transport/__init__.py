@@ -18,12 +18,12 @@ from .channels import ClientTLS, ServerTLS
 from .client_process import ClientRejected, Connection, run_client
 from .identity import AllowList, Identity
 from .remote_pool import NotEnoughClientsError, RemotePool
-from .server_process import DeploymentServer, ServerSettings, load_server_config, serve_builtin
+from .server_process import DeploymentServer, ServerSettings, load_server_config, serve_app
 from .status import query_status
 from .status_auth import client_metadata, token_metadata
 
 __all__ = [
-    "DeploymentServer", "ServerSettings", "load_server_config", "serve_builtin", "RemotePool", "NotEnoughClientsError",
+    "DeploymentServer", "ServerSettings", "load_server_config", "serve_app", "RemotePool", "NotEnoughClientsError",
     "run_client", "Connection", "ClientRejected", "ClientBundle", "ClientTLS", "ServerTLS", "Identity", "AllowList",
     "query_status", "client_metadata", "token_metadata",
 ]

@@ -24,19 +24,21 @@ from ..client import Client, run_fit
 from ..compression import update_codec
 from ..params import Layout
 from ..messages import ClientSession, Handler, Message, decode_message, encode_message
+from ..params import Layout
 from ..serialize import SerializationError, decode_state, encode_update
 from ..transforms.base import Transform
 from ..types import Config, State, Update
 from . import fedlearn_pb2 as pb
 from .channels import ClientTLS, open_channel, warn_insecure
 from .identity import Identity, check_client_id, hello_message, result_message
-from .wire import CONNECT_METHOD, KIND_NAMES, MAX_TEXT, PROTOCOL, WireError, chunks, collect, decode_config, encode_metrics
+from .wire import (CONNECT_METHOD, KIND_NAMES, MAX_TEXT, PROTOCOL, WireError, chunks, collect, decode_config,
+                   encode_metrics, layout_specs)
 
 log = logging.getLogger(__name__)
 
 MAX_MODEL_BYTES = 1 << 31
 MIN_BACKOFF, MAX_BACKOFF = 0.25, 4.0  # seconds between reconnection attempts
-_REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+_REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class ClientRejected(RuntimeError):
@@ -60,13 +62,14 @@ class Connection:
     can also send what a faulty or hostile client would."""
 
     def __init__(self, channel: grpc.Channel, client_id: str, identity: Identity,
-                 transforms: Sequence[str] = ()) -> None:
+                 transforms: Sequence[str] = (), model: Layout | None = None) -> None:
         self.client_id, self.identity = check_client_id(client_id), identity
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         method = channel.stream_stream(CONNECT_METHOD, request_serializer=None,
                                        response_deserializer=pb.ServerMessage.FromString)
         self._call = method(iter(self._outbox.get, None))
-        self.send(pb.ClientMessage(hello=pb.Hello(protocol=PROTOCOL, client_id=client_id, transforms=transforms)))
+        self.send(pb.ClientMessage(hello=pb.Hello(protocol=PROTOCOL, client_id=client_id, transforms=transforms,
+                                                  model=layout_specs(model) if model is not None else [])))
         challenge = self.expect("challenge").challenge
         self.run_id = challenge.run_id
         signature = identity.sign(hello_message(self.run_id, client_id, challenge.nonce))
@@ -152,6 +155,7 @@ def run_client(
     reason, so the server learns it and the client does not train for a server whose log does not add up.
     """
     worker = _Worker(client, transforms, dict(handlers or {}), receipts=receipts, audit_key=audit_key)
+    layout = client.model_layout()  # the server refuses a different model at once, naming the parameter
     if tls is None:
         warn_insecure()
     lost_since: float | None = None
@@ -160,7 +164,7 @@ def run_client(
         channel = open_channel(server, tls)
         connection = None
         try:
-            connection = Connection(channel, client.cid, identity, [t.name for t in transforms])
+            connection = Connection(channel, client.cid, identity, [t.name for t in transforms], layout)
             log.info("event=registered client=%s server=%s run=%s", client.cid, server, connection.run_id)
             worker.join(connection.run_id)
             lost_since, backoff = None, MIN_BACKOFF
@@ -170,7 +174,7 @@ def run_client(
         except grpc.RpcError as exc:
             if exc.code() in _REFUSALS:
                 raise ClientRejected(f"the server refused client {client.cid!r}: {exc.details()}") from None
-            reason = f"{exc.code().name}: {exc.details()}"
+            reason = f"{exc.code().name}: {exc.details()}{tls_hint(exc, tls)}"
         except (WireError, SerializationError) as exc:
             reason = f"bad message from the server: {exc}"
         finally:
@@ -184,6 +188,21 @@ def run_client(
         log.warning("event=connection_lost client=%s reason=%r retry_in=%.2f", client.cid, reason, wait)
         time.sleep(wait)
         backoff = min(2 * backoff, MAX_BACKOFF)
+
+
+def tls_hint(exc: grpc.RpcError, tls: ClientTLS | None) -> str:
+    """A likely cause of a failed connection that gRPC reports only as a closed socket or a failed handshake:
+    TLS on one side and not on the other."""
+    details = (exc.details() or "").lower()
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    if tls is None and any(s in details for s in ("socket closed", "connection reset", "end of stream", "eof")):
+        return (" (this client connects without TLS (--insecure); a server that uses TLS closes such connections: "
+                "drop --insecure and give --credentials with the server's CA)")
+    if tls is not None and any(s in details for s in ("ssl", "handshake", "tls")):
+        return (" (the TLS handshake failed: the server may run without TLS (--insecure), or its certificate is not "
+                "signed by the CA in this client's credentials)")
+    return ""
 
 
 @dataclass

@@ -2,7 +2,8 @@
 the run store so that a server killed at any moment resumes from its last committed round when restarted on
 the same run directory (with the same run id, so reconnecting clients carry on).
 
-`DeploymentServer` is the Python API for any model; `serve_builtin` runs a built-in task from server.toml.
+`DeploymentServer` is the Python API for any model; `serve_app` runs an app (or a built-in task, which is
+an app too) with the run settings of server.toml.
 """
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..app import App
 from ..audit.receipts import ReceiptIssuer
 from ..config import ConfigError, SimulationConfig, load_toml
 from ..dashboard import Dashboard, RunSnapshots
+from ..metrics import MetricAggregation, weighted_mean_metrics
+from ..params import Layout
 from ..privacy import PrivacyConfig, PrivacySetup, build_privacy
 from ..progress import RoundProgress
 from ..server import ClientSampler, RunStore, Server
@@ -26,7 +30,8 @@ from ..server.protocol import RoundProtocol
 from ..server.round_loop import CentralEval
 from ..server.sampling import PoissonSampler
 from ..server.store import RoundRecord
-from ..simulate import SimulationResult, builtin_task, initial_model_state, write_outputs
+from ..simulate import SimulationResult, task_app, write_outputs
+from ..simulation.robustness import robustness_setup
 from ..strategies import Strategy
 from ..transforms.base import Transform
 from ..types import Config, State
@@ -141,6 +146,7 @@ class DeploymentServer:
         protocol: RoundProtocol | None = None,
         sampler: ClientSampler | PoissonSampler | None = None,
         fit_config: Config | None = None,
+        evaluate_metrics: MetricAggregation = weighted_mean_metrics,
         seed: int = 0,
         run_config: dict[str, Any] | None = None,
         resume: bool = False,
@@ -168,7 +174,8 @@ class DeploymentServer:
             self.server: Server | AsyncServer = Server(
                 self.pool, strategy, initial_state, sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
                 min_clients=min_clients, max_examples=max_examples, transforms=transforms, central_eval=central_eval,
-                eval_clients=eval_clients, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
+                eval_clients=eval_clients, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol,
+                evaluate_metrics=evaluate_metrics)
             config = run_config or {**self.server.describe(), "rounds": rounds}
         try:
             self.store.bind_config(config, resume=resume)
@@ -187,7 +194,8 @@ class DeploymentServer:
         self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout,
                                max_clients=settings.max_connections, max_unauthenticated=settings.max_unauthenticated,
                                max_unauthenticated_per_peer=settings.max_unauthenticated_per_peer,
-                               operator_token=settings.operator_token or None)
+                               operator_token=settings.operator_token or None,
+                               model_layout=Layout.of(initial_state))
         self.phase = "waiting"
         self._grpc = None
         self.dashboard: Dashboard | None = None
@@ -294,27 +302,32 @@ def deployment_privacy(cfg: SimulationConfig, settings: ServerSettings, strategy
     return setup
 
 
-def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progress: bool = False, resume: bool = False,
-                  on_listening: Callable[[int], None] | None = None) -> SimulationResult:
-    """Serve a built-in task (data set, model, strategy and robustness settings from `cfg`) until done.
-
-    The [client] settings (local_epochs, batch_size, lr, momentum) are sent with every fit task, so all
-    clients train as configured here. `on_listening(port)` is called once the server listens. A restart on
-    the same run directory with the same configuration resumes the run; with `resume` it may also raise `rounds`.
+def serve_app(cfg: SimulationConfig, settings: ServerSettings, app: App | None = None, *,
+              show_progress: bool = False, resume: bool = False,
+              on_listening: Callable[[int], None] | None = None) -> SimulationResult:
+    """Serve a task until done: `app`, else the one `cfg.app` names ([app] in server.toml, --app), else the
+    built-in task of `cfg` (an ordinary app too). `cfg` supplies the run settings (rounds, sampling,
+    robust aggregation, anomaly checks, privacy); the app's `fit_config` is sent with every fit task, so
+    all clients train as configured here. Clients whose model differs from the app's are refused when
+    they connect, with the first differing parameter. `on_listening(port)` is called once listening.
+    A restart on the same run directory with the same configuration resumes the run; with `resume` it may
+    also raise `rounds`.
     """
     if cfg.attack:
         raise ConfigError("attacks are simulated only; remove the [attack] section from the server config")
-    task = builtin_task(cfg)
-    privacy = deployment_privacy(cfg, settings, task.strategy)
+    app = task_app(cfg, app)
+    population = len(AllowList.load(settings.allow_list).keys)
+    robust = robustness_setup(cfg, app, population)
+    privacy = deployment_privacy(cfg, settings, robust.strategy)
     server = DeploymentServer(
-        initial_model_state(task.model_fn, cfg.seed), task.strategy, rounds=cfg.rounds, settings=settings,
-        clients_per_round=cfg.clients_per_round, fraction=cfg.fraction, min_clients=task.robust.min_clients,
-        eval_clients=cfg.eval_clients, max_examples=cfg.max_examples, central_eval=task.robust.central_eval,
+        app.initial(cfg.seed), robust.strategy, rounds=cfg.rounds, settings=settings,
+        clients_per_round=cfg.clients_per_round, fraction=cfg.fraction, min_clients=robust.min_clients,
+        eval_clients=cfg.eval_clients, max_examples=cfg.max_examples, central_eval=robust.app.central_eval,
+        evaluate_metrics=app.evaluate_metrics,
         # secure aggregation hides individual updates, so the anomaly checks have nothing to screen
-        anomaly_checks=None if privacy.protocol is not None else task.robust.anomaly_checks,
+        anomaly_checks=None if privacy.protocol is not None else robust.anomaly_checks,
         transforms=privacy.transforms, protocol=privacy.protocol, sampler=privacy.sampler,
-        fit_config={k: asdict(cfg)[k] for k in ("local_epochs", "batch_size", "lr", "momentum")},
-        seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
+        fit_config=app.fit_config, seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
     )
     try:
         port = server.start()

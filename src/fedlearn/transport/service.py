@@ -22,12 +22,13 @@ import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from ..params import Layout, layout_difference
 from . import fedlearn_pb2 as pb
 from .admission import Admission, Busy
 from .identity import AllowList, Identity, IdentityError, hello_message, verify
 from .remote_pool import RemotePool, Session, Task
 from .status_auth import StatusGate
-from .wire import SERVICE, WireError, chunks, collect, decode_client_message
+from .wire import SERVICE, WireError, chunks, collect, decode_client_message, layout_of_hello
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class Refused(Exception):
 
 class StreamClosed(Exception):
     """The client closed its side of the stream before the server expected it to."""
+
+
+class ModelMismatch(Exception):
+    """An authenticated client whose model differs from the server's; the message names the parameter."""
 
 
 class _Counted:
@@ -72,8 +77,10 @@ class Service:
 
     def __init__(self, pool: RemotePool, allow_list: str | os.PathLike, status: Callable[[], pb.StatusReply], *,
                  handshake_timeout: float = 10.0, max_clients: int = 256, max_unauthenticated: int = 64,
-                 max_unauthenticated_per_peer: int = 8, operator_token: str | os.PathLike | None = None) -> None:
+                 max_unauthenticated_per_peer: int = 8, operator_token: str | os.PathLike | None = None,
+                 model_layout: Layout | None = None) -> None:
         self.pool, self.allow_list, self.status_reply = pool, allow_list, status
+        self.model_layout = model_layout
         self.admission = Admission(max_clients=max_clients, total=max_unauthenticated,
                                    per_peer=max_unauthenticated_per_peer, status_calls=STATUS_CALLS,
                                    handshake_timeout=handshake_timeout)
@@ -117,6 +124,9 @@ class Service:
         except Busy as exc:
             log.info("event=busy peer=%s reason=%r", peer, str(exc))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ModelMismatch as exc:
+            log.warning("event=model_mismatch peer=%s reason=%r", peer, str(exc))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except StreamClosed as exc:
             log.info("event=stream_closed peer=%s client=%s reason=%r", peer, _cid(session), str(exc))
         except grpc.RpcError:
@@ -146,6 +156,13 @@ class Service:
         names = certificate_names(context)
         if names is not None and cid not in names:
             raise Refused(f"client {cid!r} authenticated with a TLS certificate that names {sorted(names)}, not it")
+        client_layout = layout_of_hello(hello)
+        if self.model_layout is not None and client_layout is not None:
+            if set(self.model_layout.names) < set(client_layout.names):  # the server federates part of the model
+                client_layout = client_layout.restricted_to(self.model_layout.names)
+            problem = layout_difference(self.model_layout, client_layout, there=f"client {cid!r}'s model")
+            if problem is not None:
+                raise ModelMismatch(f"model mismatch: {problem}; client and server must build the same model")
         return Session(cid, keys[cid], list(hello.transforms), peer, context.cancel)
 
     def _serve(self, session: Session, messages: _Counted) -> Iterator[pb.ServerMessage]:
