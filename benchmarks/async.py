@@ -11,12 +11,12 @@ Rows:
   sync+deadline   the same with a deadline (--deadline s) that drops stragglers
   fedbuff         FedBuff: --concurrency writers training at once, a server step every K = --cohort results,
                   staleness weight 1/sqrt(1+s), results more than --max-staleness steps old dropped
-Every row makes the same number of server steps (--rounds), each from K = --cohort accepted updates at best,
+Sync rows make --rounds rounds, FedBuff --async-steps server steps (each from K = --cohort accepted updates),
 with the model evaluated centrally after each. Columns: virtual seconds to reach --target test accuracy
 (first step at or above it), final accuracy and mean of the last 5 evaluations, total virtual time, and the
 speed-up over sync in time to target.
 
-    PYTHONPATH=src python benchmarks/async.py [--rounds 60] [--target 0.6] [--speed-sigma 1.5]
+    PYTHONPATH=src python benchmarks/async.py [--rounds 100] [--async-steps 300] [--target 0.5] [--rows fedbuff]
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def run_row(name: str, task: FemnistTask, args: argparse.Namespace) -> list[tupl
         server = AsyncServer(VirtualExecutor(pool, clock), FedAvg(), task.initial_state, buffer_size=args.cohort,
                              concurrency=args.concurrency, max_staleness=args.max_staleness,
                              central_eval=task.central_eval, seed=args.seed)
-        server.run(args.rounds, [record])
+        server.run(args.async_steps, [record])
     else:
         deadline = args.deadline if name == "sync+deadline" else None
         clocked = ClockedPool(pool, clock, deadline=deadline, min_online=args.cohort)
@@ -71,11 +71,12 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--target", type=float, default=0.6)
+    parser.add_argument("--rounds", type=int, default=100, help="synchronous rounds")
+    parser.add_argument("--async-steps", type=int, default=300, help="FedBuff server steps")
+    parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--cohort", type=int, default=10, help="sync clients per round = FedBuff buffer size K")
-    parser.add_argument("--concurrency", type=int, default=30)
-    parser.add_argument("--max-staleness", type=int, default=20)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--max-staleness", type=int, default=10)
     parser.add_argument("--deadline", type=float, default=3.0)
     parser.add_argument("--speed-sigma", type=float, default=1.5)
     parser.add_argument("--online", type=float, default=300.0)
@@ -91,16 +92,18 @@ def main() -> None:
         curves[name] = run_row(name, task, args)
         print(f"  {name}: {time.perf_counter() - start:.0f}s wall", file=sys.stderr, flush=True)
     base = time_to(curves.get("sync", []), args.target)
-    print(f"\nFEMNIST, {len(task.client_ids)} writers, {args.rounds} server steps of {args.cohort} updates; lognormal "
+    print(f"\nFEMNIST, {len(task.client_ids)} writers, server steps of {args.cohort} updates, concurrency "
+          f"{args.concurrency}, max staleness {args.max_staleness}; lognormal "
           f"speeds sigma={args.speed_sigma}, online/offline means {args.online:g}/{args.offline:g}s; target "
           f"accuracy {args.target:.2f}")
-    head = f"{'row':<15}{'time to target':>15}{'speed-up':>10}{'final acc':>10}{'last-5 acc':>11}{'total time':>11}"
+    head = (f"{'row':<15}{'steps':>6}{'time to target':>15}{'speed-up':>10}{'final acc':>10}{'last-5 acc':>11}"
+            f"{'total time':>11}")
     print(head + "\n" + "-" * len(head))
     for name, curve in curves.items():
         t = time_to(curve, args.target)
         speedup = f"{base / t:.1f}x" if math.isfinite(t) and math.isfinite(base) else "-"
         accs = [a for _, a in curve]
-        print(f"{name:<15}{t:>15.1f}{speedup:>10}{accs[-1]:>10.4f}{np.mean(accs[-5:]):>11.4f}{curve[-1][0]:>11.1f}")
+        print(f"{name:<15}{len(curve):>6}{t:>15.1f}{speedup:>10}{accs[-1]:>10.4f}{np.mean(accs[-5:]):>11.4f}{curve[-1][0]:>11.1f}")
 
 
 if __name__ == "__main__":

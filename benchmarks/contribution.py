@@ -16,8 +16,7 @@ import numpy as np
 
 from fedlearn import SimulationConfig
 from fedlearn.contributions import ContributionAccounting
-from fedlearn.simulate import builtin_task, run_simulation
-from fedlearn.torch.train import central_evaluator
+from fedlearn.simulate import builtin_app, run_simulation
 
 
 class Comparison:
@@ -54,10 +53,10 @@ def main() -> None:
           f"{'exact s':>8} {'gtg s':>6} {'loo s':>6}")
     for n in cohorts:
         cfg = SimulationConfig(num_clients=30, clients_per_round=n, rounds=rounds, local_epochs=1, eval_clients=0)
-        task = builtin_task(cfg)
-        comparison = Comparison(central_evaluator(task.model_fn, *task.data.test), exact=n <= 12)
-        run_simulation(task.client, task.data.client_ids, task.model_fn, strategy=task.strategy, rounds=rounds,
-                       clients_per_round=n, anomaly_checks=None, contributions=comparison, seed=cfg.seed)
+        app = builtin_app(cfg)
+        comparison = Comparison(app.central_eval, exact=n <= 12)
+        run_simulation(app=app, rounds=rounds, clients_per_round=n, anomaly_checks=None, contributions=comparison,
+                       seed=cfg.seed)
         s = {k: float(np.mean(v)) for k, v in comparison.stats.items()}
         print(f"{n:>7} {s.get('exact_evals', float('nan')):>11.0f} {s['gtg_evals']:>9.1f} {s['loo_evals']:>9.1f} "
               f"{s.get('gtg_error', float('nan')):>15.3f} {s.get('exact_seconds', float('nan')):>8.2f} "

@@ -33,15 +33,17 @@ class LocalRayCluster:
         self.token = secrets.token_hex(32)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.client_port = free_port()  # Ray Client: ray://127.0.0.1:client_port
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     "RAY_ADDRESS": self.address, "RAY_USAGE_STATS_ENABLED": "0",
-                    # declare a silent node dead after about five seconds, not thirty
+                    # a killed node (refusing connections) is declared dead after about five seconds, not
+                    # fifteen; a busy one still has three seconds per check to answer
                     "RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "1000",
-                    "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "5"}
+                    "RAY_health_check_timeout_ms": "3000", "RAY_health_check_failure_threshold": "5"}
         self.nodes: list[subprocess.Popen] = []
 
     def start_head(self, num_cpus: int) -> None:
-        self._start(["--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}",
+        self._start(["--head", f"--port={self.port}", f"--ray-client-server-port={self.client_port}",
                      "--include-dashboard=false", f"--dashboard-port={free_port()}"], num_cpus)
 
     def add_node(self, num_cpus: int) -> None:

@@ -8,7 +8,7 @@ travels through Ray's object store. Each client leaves a marker `r<round>-<clien
 it trains, which tells the test where it ran without trusting the pool's own bookkeeping. Two rounds on the
 cluster are checked against two sequential rounds; with KILL_PGID, round 3 is slowed, the process group of
 the node that is not the driver's (the second `ray start`) is killed as soon as one of its clients has
-started, and rounds 3 and 4 must still complete. One JSON line on stdout reports what the test checks.
+started, and rounds 3 and 4 must still complete. OUT_DIR/report.json holds what the test checks.
 """
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ def main(out: Path, kill_pgid: int | None) -> dict:
         return MarkedClient(cid, _model, x, y, batch_size=8, lr=0.1, local_epochs=1)
 
     data_bytes = sum(x.nbytes + y.nbytes for x, y in data.clients.values())
+    ray.init(address="auto", log_to_driver=False)  # the pool joins this connection
+    before = _created_bytes()
     pool = RayPool(InProcessPool(client_fn, data.client_ids), address="auto")
     head = ray.get_runtime_context().get_node_id()
     report: dict = {"head": head, "workers": pool.size, "data_bytes": data_bytes, "setup_bytes": pool.setup_bytes}
@@ -79,6 +81,8 @@ def main(out: Path, kill_pgid: int | None) -> dict:
         report["round_bytes"] = list(pool.round_bytes)
         report["placement_round_2"] = dict(pool.placement)
         report["worker_nodes"] = sorted(pool._live.values())
+        after = _created_bytes()
+        report["created_bytes"] = {node: after[node] - before.get(node, 0) for node in after}
         report["data_nodes"] = sorted(ray.experimental.get_object_locations([pool._local_ref])[pool._local_ref]["node_ids"])
         reference = _server(InProcessPool(client_fn, data.client_ids))
         reference.run(2)
@@ -100,6 +104,16 @@ def main(out: Path, kill_pgid: int | None) -> dict:
     return report
 
 
+def _created_bytes() -> dict[str, int]:
+    """Bytes each node's object store has created so far (put there, or pulled from another node), as its
+    raylet counts them: Ray's own measure, independent of the pool's."""
+    import ray
+    from ray._private.internal_api import node_stats
+
+    return {n["NodeID"]: node_stats(n["NodeManagerAddress"], n["NodeManagerPort"], include_memory_info=False)
+            .store_stats.cumulative_created_bytes for n in ray.nodes() if n["Alive"]}
+
+
 def _kill_when_started(out: Path, head: str, pgid: int) -> None:
     """Kill the other node's processes once one of its clients is training in round 3."""
     deadline = time.monotonic() + 60
@@ -111,4 +125,4 @@ def _kill_when_started(out: Path, head: str, pgid: int) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     result = main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else None)
-    print(json.dumps(result))
+    (Path(sys.argv[1]) / "report.json").write_text(json.dumps(result))

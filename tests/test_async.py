@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedlearn import Client, FedAdam, FedAvg, InProcessPool, RunStore, Server, TorchClient, Update
+from fedlearn import Client, FedAdam, FedAvg, InProcessPool, RoundFailedError, RunStore, Server, TorchClient, Update
 from fedlearn.data import federate, load_digits
 from fedlearn.server import ClientSampler
 from fedlearn.server.async_loop import AsyncServer, staleness_weight
@@ -148,3 +148,39 @@ def test_async_refuses_a_synchronous_store(tmp_path):
     Server(InProcessPool(client_fn, data.client_ids), FedAvg(), init, sampler=ClientSampler(count=2), store=store)
     with pytest.raises(ValueError, match="synchronous run"):
         _fedbuff(client_fn, data.client_ids, init, store)
+
+
+class BrokenClient(Client):
+    def fit(self, state, config) -> Update:
+        return Update(self.cid, config["round"], np.full(3, np.nan), 1)
+
+
+def test_a_run_whose_results_are_all_unusable_stops_with_the_reason():
+    pool = InProcessPool(BrokenClient, ["a", "b"])
+    server = AsyncServer(VirtualExecutor(pool, VirtualClock(Fleet())), FedAvg(), ZERO, buffer_size=2, concurrency=2)
+    with pytest.raises(RoundFailedError, match="results in a row were unusable after step 0.*non-finite"):
+        server.run(3)
+
+class _Claiming(ConstantClient):
+    """Sends its constant delta with a claimed example count."""
+
+    def __init__(self, cid: str, value: float, count: int) -> None:
+        super().__init__(cid, value)
+        self.count = count
+
+    def fit(self, state, config) -> Update:
+        return Update(self.cid, config["round"], np.full(3, self.value), self.count, {"train_loss": 0.0})
+
+
+def test_a_huge_example_claim_weighs_no_more_than_max_examples_and_an_impossible_one_is_rejected():
+    # a (1 example, +1) and b (claims 1e15 examples, +50) finish together every second; K = 2, no staleness.
+    # With max_examples = 3, b weighs 3: each step moves (1 * 1 + 3 * 50) / 4 = 37.75, not ~50.
+    clients = {"a": _Claiming("a", 1.0, 1), "b": _Claiming("b", 50.0, 10**15), "c": _Claiming("c", 9.0, 10**400)}
+    clock = VirtualClock(Fleet(jitter_sigma=0.0, speeds={"a": 1.0, "b": 1.0, "c": 1.0}))
+    pool = InProcessPool(clients.__getitem__, ["a", "b", "c"])
+    server = AsyncServer(VirtualExecutor(pool, clock), FedAvg(), ZERO, buffer_size=2, concurrency=3, max_examples=3)
+    history = server.run(2)
+    np.testing.assert_allclose(server.params, np.full(3, 2 * 37.75), rtol=1e-12)
+    rejected = [f for r in history.rounds for f in r.failures if f.client_id == "c"]
+    assert rejected and all(f.kind == "rejected" and "num_examples must be in [1, 2**53]" in f.reason
+                            for f in rejected)

@@ -16,7 +16,7 @@ from fedlearn.audit import AuditError, AuditLog, Receipt, check_extends, check_r
 from fedlearn.audit.log import KEY_FILE, load_or_create_key, public_hex
 from fedlearn.audit.verify import consistency, prove, verify_run
 from fedlearn.cli import main
-from fedlearn.server.store import RunStore
+from fedlearn.server.store import RoundEvidence, RunStore
 
 ROUNDS = 5
 
@@ -223,7 +223,30 @@ def test_round_and_record_commit_together(tmp_path: Path, monkeypatch: pytest.Mo
         store.commit_round(1, state, {}, {}, ["a"], [])
     monkeypatch.undo()
     assert store.last_round() == 0  # the round was rolled back with its record
+    with pytest.raises(ValueError):  # fails after the record was appended, inside the same transaction
+        store.commit_round(1, state, {}, {}, ["a"], [], evidence=RoundEvidence({"a": "0" * 64}, {"a": {"gtg": "x"}}))
+    assert store.last_round() == 0
     store.commit_round(1, state, {}, {}, ["a"], [])
     store.close()
     assert verify_run(tmp_path).ok and verify_run(tmp_path).size == 2
     assert public_hex(load_or_create_key(tmp_path / KEY_FILE)) == (tmp_path / "audit_public_key.txt").read_text().strip()
+
+
+def test_consistency_command_proves_the_log_extends_a_held_head(run: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    old = prove(run, next(iter(records(run)[1]["accepted"])), 1).head
+    held = tmp_path / "head.json"
+    # a head of 3 records, as a client would have kept it earlier in the run
+    conn = sqlite3.connect(run / "run.sqlite")
+    size, root, stamp, signature = conn.execute("SELECT size, root, timestamp_ms, signature FROM audit_heads "
+                                                "WHERE size = 3").fetchone()
+    conn.close()
+    earlier = type(old)(old.log_id, size, bytes(root).hex(), stamp, old.public_key, bytes(signature).hex())
+    held.write_text(json.dumps(earlier.to_json()))
+    assert main(["audit", "consistency", str(run), "--head", str(held)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    from fedlearn.audit.log import TreeHead
+    from fedlearn.audit.receipts import hashes
+
+    check_extends(earlier, TreeHead.from_json(out["head"]), hashes(out["proof"], "proof"))
+    assert main(["audit", "verify", str(run), "--head", str(held)]) == 0

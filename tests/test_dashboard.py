@@ -5,6 +5,7 @@ $FEDLEARN_ARTIFACTS (default tmp/artifacts in the repository)."""
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 import shutil
 import signal
@@ -72,9 +73,11 @@ def test_snapshot_reports_a_tampered_log(finished: Path, tmp_path: Path) -> None
 
 
 def test_server_serves_assets_and_requires_the_token(finished: Path) -> None:
-    assert authorized(None, None) and authorized("Bearer s3cret", "s3cret")
-    assert not authorized(None, "s3cret") and not authorized("Bearer wrong", "s3cret") and not authorized("s3cret", "s3cret")
-    dashboard = Dashboard(RunSnapshots(finished), token="s3cret")
+    digest = hashlib.sha256(b"s3cret").hexdigest()  # the server holds only the token's digest
+    assert authorized(None, None) and authorized("Bearer s3cret", digest)
+    assert not authorized(None, digest) and not authorized("Bearer wrong", digest) and not authorized("s3cret", digest)
+    assert not authorized(f"Bearer {digest}", digest)  # the digest itself is no token
+    dashboard = Dashboard(RunSnapshots(finished), token_digest=digest)
     port = dashboard.start()
     try:
         base = f"http://127.0.0.1:{port}"
@@ -87,6 +90,11 @@ def test_server_serves_assets_and_requires_the_token(finished: Path) -> None:
         status, body = get(base + "/api/state", "s3cret")
         assert status == 200 and json.loads(body)["audit"]["ok"]
         assert get(base + "/../run.sqlite")[0] == 404
+        assert get(base + "/metrics")[0] == 401
+        status, text = get(base + "/metrics", "s3cret")
+        metrics = dict(line.split() for line in text.decode().splitlines())
+        assert status == 200 and metrics["fedlearn_round"] == "4" and metrics["fedlearn_audit_log_verified"] == "1"
+        assert int(metrics["fedlearn_flagged_total"]) == json.loads(body)["flagged_total"] > 0
     finally:
         dashboard.stop()
 
@@ -134,8 +142,8 @@ def test_browser_shows_a_running_simulation(tmp_path: Path) -> None:
                 sync_api.expect(flagged).to_be_visible(timeout=60_000)
                 cells = flagged.locator("td").all_inner_texts()
                 assert cells[2] == "flagged" and "outlier" in cells[3], cells
-                page.wait_for_function(
-                    f"parseInt(document.querySelector('#card-round .value').textContent) > {first}", timeout=60_000)
+                sync_api.expect(round_card).not_to_have_text(f"{first} / 200", timeout=60_000)  # live update
+                assert int(round_card.inner_text().split("/")[0]) > first
                 assert sim.poll() is None, "the simulation ended before the page was checked live"
                 assert "✓" in page.locator("#card-audit .value").inner_text()
                 sync_api.expect(page.locator("#chart-accuracy svg polyline")).to_have_count(1)

@@ -36,7 +36,7 @@ def test_an_interrupted_server_does_not_end_the_clients_and_a_restart_resumes_wi
             log = run.log(f"client{k}")
             assert "event=connection_lost" in log and "is over" not in log
         run.start_server("server2")
-        history, _ = run.finish(60)
+        history, _ = run.finish()
     finally:
         run.kill()
     assert "connected clients keep reconnecting" in run.log("server")
@@ -58,7 +58,7 @@ def test_a_client_gone_for_good_does_not_stop_the_run_when_min_clients_are_conne
                  "the server to wait with two of three clients")
         assert fedlearn_main(["status", "--server", f"127.0.0.1:{run.port}", "--credentials",
                               str(creds / "clients" / "0")]) == 0
-        history, _ = run.finish(60)
+        history, _ = run.finish()
     finally:
         run.kill()
     assert "waiting for clients: 2 of 3 connected" in capsys.readouterr().out

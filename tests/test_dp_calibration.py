@@ -13,7 +13,7 @@ from dp_accounting import pld, rdp
 
 from fedlearn import simulate
 from fedlearn.privacy import (AdaptiveClipping, CentralDP, LocalDP, PrivacyBudgetError, SampledGaussian,
-                              affordable_rounds, clip_l2, gaussian_epsilon)
+                              affordable_rounds, clip_l2, gaussian_epsilon, noise_for_epsilon)
 from fedlearn.privacy.central import CLIP_KEY, UNCLIPPED_KEY, clip_to_server_norm
 from fedlearn.types import Update
 
@@ -184,6 +184,9 @@ def test_local_dp_noise_std_is_z_times_its_clip():
     acc.compose(dp_accounting.GaussianDpEvent(0.7), 3)
     assert again.metrics["ldp_epsilon"] == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
     assert gaussian_epsilon(0.7, 0, DELTA) == 0.0 and gaussian_epsilon(0.0, 3, DELTA) == math.inf
+    one = rdp.RdpAccountant()
+    one.compose(dp_accounting.GaussianDpEvent(0.7), 1)
+    assert gaussian_epsilon(0.7, 1, DELTA) == pytest.approx(one.get_epsilon(DELTA), rel=1e-9)
     with pytest.raises(ValueError, match="positive clip norm and noise multiplier"):
         LocalDP(2.0, 0.0, DELTA)
 
@@ -213,13 +216,13 @@ def test_poisson_epsilon_equals_dp_accounting_called_directly():
 
 
 def test_accountant_edges_and_affordable_rounds():
-    mech = SampledGaussian(1.0, 50, 10, "fixed")
+    mech = SampledGaussian(1.0, 50, 10, "poisson")
     assert mech.epsilon(0, DELTA) == 0.0
     assert SampledGaussian(0.0, 50, 10, "fixed").epsilon(1, DELTA) == math.inf
     budget = (mech.epsilon(4, DELTA) + mech.epsilon(5, DELTA)) / 2
-    assert affordable_rounds(mech, budget, DELTA, 100) == 4
+    assert affordable_rounds(mech, budget, DELTA, 12) == 4
     assert affordable_rounds(mech, budget, DELTA, 3) == 3
-    assert affordable_rounds(mech, mech.epsilon(4, DELTA), DELTA, 100) == 4  # exactly at the budget fits
+    assert affordable_rounds(mech, mech.epsilon(4, DELTA), DELTA, 12) == 4  # exactly at the budget fits
     for bad, message in [(dict(cohort=0), "cohort 0 must be between 1"), (dict(cohort=51), "cohort 51 must be between"),
                          (dict(noise_multiplier=-0.1), "noise multiplier must be >= 0"),
                          (dict(sampling="shuffle"), "sampling must be one of"),
@@ -252,3 +255,122 @@ def test_simulate_accounts_with_the_real_cohort_size(sampling_keys, sampling, co
     assert result.history.last["dp_noise_std"] == pytest.approx(1.2 * 0.7 / cohort, rel=1e-12)
     if sampling == "fixed":
         assert [r.metrics["clients_sampled"] for r in result.history.rounds] == [float(cohort)] * 2
+
+
+def test_noise_for_a_target_epsilon_below_one_and_refusals():
+    z = noise_for_epsilon(0.8, 10, DELTA, population=100, cohort=10, sampling="poisson")
+    assert SampledGaussian(z, 100, 10, "poisson").epsilon(10, DELTA) <= 0.8
+    assert SampledGaussian(z * 0.995, 100, 10, "poisson").epsilon(10, DELTA) > 0.8
+    for target in (0.0, -1.0):
+        with pytest.raises(PrivacyBudgetError, match="target epsilon must be > 0"):
+            noise_for_epsilon(target, 10, DELTA, population=100, cohort=10)
+
+
+# ---------------------------------------------------------------- settings and what build_privacy makes of them
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(dp_clip=-1.0), "dp_clip must be >= 0"),
+    (dict(dp_clip=1.0, dp_noise=-0.5), "dp_noise must be >= 0"),
+    (dict(dp_clip=1.0, target_epsilon=0.0), "target_epsilon must be > 0"),
+    (dict(dp_clip=1.0, dp_noise=1.0, epsilon_budget=0.0), "epsilon_budget must be > 0"),
+    (dict(dp_delta=1.0), r"dp_delta must be in \(0, 1\)"),
+    (dict(dp_delta=0.0), r"dp_delta must be in \(0, 1\)"),
+    (dict(accountant="moments"), "accountant must be one of rdp, pld"),
+    (dict(sampling="stratified"), "sampling must be one of poisson, fixed"),
+    (dict(dp_clip=1.0, dp_noise=1.0, target_epsilon=2.0), "exactly one of dp_noise and target_epsilon"),
+    (dict(dp_noise=1.0), "need dp_clip > 0"),
+    (dict(adaptive_clip=True), "need dp_clip > 0"),
+    (dict(epsilon_budget=3.0), "need dp_clip > 0"),
+    (dict(local_dp_clip=1.0), "local DP needs both"),
+    (dict(local_dp_noise=1.0), "local DP needs both"),
+    (dict(secagg=True, secagg_range=0.0), "secagg_range must be > 0"),
+])
+def test_privacy_config_refuses_each_bad_setting(settings, message):
+    from fedlearn.privacy import PrivacyConfig
+
+    with pytest.raises(ValueError, match=message):
+        PrivacyConfig(**settings)
+
+
+def test_privacy_config_flags():
+    from fedlearn.privacy import PrivacyConfig
+
+    assert not PrivacyConfig().enabled and PrivacyConfig().sampling == "fixed"
+    assert PrivacyConfig(dp_clip=1.0, dp_noise=1.0).central and PrivacyConfig(dp_clip=1.0, dp_noise=1.0).enabled
+    assert PrivacyConfig(local_dp_clip=1.0, local_dp_noise=1.0).local
+    assert PrivacyConfig(secagg=True).enabled and not PrivacyConfig(secagg=True).central
+    assert PrivacyConfig.from_dict({"dp_clip": 2.0, "dp_noise": 0.5}).to_dict()["dp_clip"] == 2.0
+    with pytest.raises(ValueError, match="privacy: "):
+        PrivacyConfig.from_dict({"dp_clipp": 1.0})
+
+
+IDS = [str(i) for i in range(40)]
+
+
+def _build(**settings):
+    from fedlearn.privacy import PrivacyConfig, build_privacy
+    from fedlearn.strategies import make_strategy
+
+    return build_privacy(PrivacyConfig(**settings), client_ids=IDS, cohort=8, rounds=6,
+                         strategy=make_strategy("fedavg"), seed=4)
+
+
+def test_build_privacy_makes_the_mechanism_of_the_settings():
+    setup = _build(dp_clip=1.5, dp_noise=0.9, sampling="poisson", epsilon_budget=50.0)
+    [dp] = setup.transforms
+    assert isinstance(dp, CentralDP) and dp.clip == 1.5 and dp.budget == 50.0 and dp.rounding_step == 0.0
+    assert dp.mechanism == SampledGaussian(0.9, 40, 8, "poisson", "rdp") and dp.verify_clipping
+    assert setup.sampler is not None and setup.sampler.rate == 8 / 40 and setup.sampler.seed == 4
+    assert setup.protocol is None and setup.handlers == {}
+    assert "central DP: clip 1.5, noise multiplier 0.9" in setup.summary[0] and "poisson sampling of 8/40" in setup.summary[0]
+    fixed = _build(dp_clip=1.5, dp_noise=0.9)
+    assert fixed.sampler is None and fixed.transforms[0].mechanism.sampling == "fixed"
+
+
+def test_build_privacy_with_a_target_epsilon_spends_it_in_the_planned_rounds():
+    setup = _build(dp_clip=1.0, target_epsilon=4.0)
+    [dp] = setup.transforms
+    assert dp.budget == 4.0
+    assert dp.epsilon(6) <= 4.0 < SampledGaussian(dp.mechanism.noise_multiplier * 0.99, 40, 8, "fixed").epsilon(6, 1e-5)
+    assert not any("allows" in line for line in setup.summary)
+
+
+def test_build_privacy_says_when_the_budget_cuts_the_run_short():
+    mech = SampledGaussian(1.0, 40, 8, "fixed")
+    budget = (mech.epsilon(2, 1e-5) + mech.epsilon(3, 1e-5)) / 2
+    setup = _build(dp_clip=1.0, dp_noise=1.0, epsilon_budget=budget)
+    assert setup.summary[-1] == f"the epsilon budget {budget:g} allows 2 of 6 rounds; the run stops there"
+
+
+def test_build_privacy_with_secure_aggregation_widens_the_noise_by_one_quantisation_step():
+    from fedlearn.secagg.quantize import Quantizer, max_levels
+
+    setup = _build(dp_clip=2.0, dp_noise=1.0, secagg=True)
+    dp = setup.transforms[0]
+    step = Quantizer(2.0, max_levels(40)).step  # clip range = the DP clip norm, levels for the whole population
+    assert dp.rounding_step == pytest.approx(step, rel=1e-12) and not dp.verify_clipping
+    assert setup.protocol is not None and set(setup.handlers) and "clipped to +-2" in setup.summary[-1]
+    plain = _build(secagg=True)
+    assert plain.transforms == [] and "clipped to +-1" in plain.summary[-1]
+    ranged = _build(secagg=True, secagg_range=0.3)
+    assert "clipped to +-0.3" in ranged.summary[-1]
+
+
+def test_build_privacy_adds_local_dp_and_adaptive_clipping():
+    setup = _build(local_dp_clip=0.5, local_dp_noise=2.0)
+    [ldp] = setup.transforms
+    assert isinstance(ldp, LocalDP) and (ldp.clip, ldp.noise_multiplier, ldp.delta) == (0.5, 2.0, 1e-5)
+    assert "local DP: clip 0.5, noise multiplier 2" in setup.summary[0]
+    adaptive = _build(dp_clip=1.0, dp_noise=1.0, adaptive_clip=True, clip_quantile=0.7, clip_lr=0.1, count_noise=3.0)
+    assert adaptive.transforms[0].adaptive == AdaptiveClipping(0.7, 0.1, 3.0)
+    assert "clip 1 (adaptive)" in adaptive.summary[0]
+
+
+def test_adaptive_clipping_settings_at_their_edges_are_refused():
+    for quantile in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\)"):
+            AdaptiveClipping(quantile=quantile)
+    for bad, message in [(dict(lr=0.0), "clipping learning rate must be > 0"),
+                         (dict(count_noise=0.0), "count noise must be > 0")]:
+        with pytest.raises(ValueError, match=message):
+            AdaptiveClipping(**bad)

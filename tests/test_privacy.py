@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedlearn import InProcessPool, Transform
+from fedlearn import InProcessPool, Transform, Update
 from fedlearn.aggregators import make_aggregator
 from fedlearn.cli import _simulation_settings, build_parser
 from fedlearn.config import ConfigError, SimulationConfig, load_toml
@@ -70,6 +70,21 @@ def test_server_refuses_an_update_that_was_not_clipped():
     update = VectorClient("3", 50, 1.0).fit(zero_state(50), {"round": 1})
     kept, refused = dp.server([update], 1)
     assert not kept and "did not clip" in refused[0].reason
+
+
+def test_an_update_clipped_to_c_and_sent_in_float32_is_kept_and_projected_back_onto_the_ball():
+    """A deployment sends updates in the model's dtype: float32 rounding leaves an update clipped to C a
+    hair outside the ball. It is an honest client's update, kept, and scaled back to norm C (to float64 rounding)."""
+    dp = CentralDP(1.0, SampledGaussian(1.0, 10, 2, "fixed"), 1e-5)
+    outside = None
+    for size in range(100, 200):  # a constant update rounds every coordinate the same way
+        sent = np.full(size, 1 / np.sqrt(size)).astype(np.float32).astype(np.float64)
+        if np.linalg.norm(sent) > 1.0 + 1e-8:
+            outside = sent
+            break
+    assert outside is not None and np.linalg.norm(outside) < 1.0 + 1e-6
+    [kept], refused = dp.server([Update("0", 1, outside, 10, {})], 1)
+    assert refused == [] and np.linalg.norm(kept.delta) <= 1.0 + 1e-12 and kept.num_examples == 1
 
 
 def test_measured_noise_std_on_the_aggregate_matches_the_formula():

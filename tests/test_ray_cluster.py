@@ -48,11 +48,13 @@ def test_ray_address_forms_users_have_are_accepted_and_others_refused():
             SimulationConfig(backend="ray", ray_address=bad)
 
 
-def test_readme_cluster_command_with_token_auth_gives_the_sequential_model(cluster, tmp_path):
+@pytest.mark.parametrize("form", ["auto", "ray://"])
+def test_readme_cluster_command_with_token_auth_gives_the_sequential_model(cluster, tmp_path, form):
     settings = {"num_clients": 12, "clients_per_round": 6, "rounds": 2, "local_epochs": 1, "eval_clients": 0}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     # the README's command; `auto` finds this cluster through RAY_ADDRESS, the token comes from RAY_AUTH_TOKEN
-    run = subprocess.run([sys.executable, "-m", "fedlearn.cli", "simulate", "--backend", "ray", "--ray-address", "auto",
+    address = "auto" if form == "auto" else f"ray://127.0.0.1:{cluster.client_port}"
+    run = subprocess.run([sys.executable, "-m", "fedlearn.cli", "simulate", "--backend", "ray", "--ray-address", address,
                           *flags, "--run-dir", str(tmp_path / "run"), "--quiet"],
                          env=cluster.env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -83,7 +85,7 @@ def test_both_nodes_train_data_travels_once_per_node_and_a_killed_node_costs_one
     run = subprocess.run([sys.executable, str(HERE / "ray_driver.py"), str(tmp_path), str(second)],
                          env=cluster.env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = json.loads((tmp_path / "report.json").read_text())
     head = report["head"]
 
     def trained(rnd: int) -> dict[str, str]:
@@ -98,6 +100,9 @@ def test_both_nodes_train_data_travels_once_per_node_and_a_killed_node_costs_one
     # the client data sits once on each node with a worker (two copies for three workers), and a round hands
     # Ray the encoded state once plus the instructions, nothing in proportion to the data
     assert sorted(report["data_nodes"]) == sorted(set(report["worker_nodes"]))
+    # ... as the second node's own object store counts it: one copy of the data and two rounds' states
+    second_node = next(node for node in report["created_bytes"] if node != head)
+    assert report["setup_bytes"] <= report["created_bytes"][second_node] < 1.2 * report["setup_bytes"], report
     assert report["setup_bytes"] > report["data_bytes"]
     state = report["state_bytes"]
     assert all(state < b < state + 2000 for b in report["round_bytes"])

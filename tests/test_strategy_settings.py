@@ -13,7 +13,7 @@ import torch
 from fedlearn import Client, Update, run_simulation
 from fedlearn.server.anomaly import AnomalyChecks
 from fedlearn.server.sampling import ClientSampler, PoissonSampler, client_seed
-from fedlearn.strategies import FedAvg, FedProx, Scaffold
+from fedlearn.strategies import FedAdam, FedAvg, FedAvgM, FedNova, FedProx, Scaffold
 from fedlearn.torch import TorchClient, state_of
 
 
@@ -281,10 +281,10 @@ class HalfDone(Client):
 
     def fit(self, state, config):
         return Update(self.cid, int(config["round"]), np.full(2, 1.0 if self.cid[0] == "s" else 3.0), 1,
-                      partial=self.cid[0] == "s")
+                      {"steps": 1.0}, partial=self.cid[0] == "s")
 
 
-@pytest.mark.parametrize("strategy, used", [(FedAvg(), 3.0), (FedProx(mu=0.0), 2.0)])
+@pytest.mark.parametrize("strategy, used", [(FedAvg(), 3.0), (FedProx(mu=0.0), 2.0), (FedNova(), 2.0)])
 def test_partial_work_is_dropped_by_fedavg_and_used_by_fedprox(strategy, used):
     result = run_simulation(HalfDone, ["s1", "f1"], initial_state=OrderedDict(w=np.zeros(2)), strategy=strategy,
                             rounds=1, anomaly_checks=None)
@@ -295,3 +295,54 @@ def test_partial_work_is_dropped_by_fedavg_and_used_by_fedprox(strategy, used):
                                                                          "partial work dropped by fedavg")]
     else:
         assert failures == []
+
+
+def test_default_thresholds_against_hand_computed_robust_z_scores():
+    """Nine identical updates (MAD 0, so the scale floors apply) and one odd one out. Log-norm scale floor
+    0.2: norm x4 gives z = ln 4 / 0.2 = 6.9 > 6 (flagged), x3 gives 5.5 (kept). Cosine scale floor 0.1:
+    cosine 0.3 gives z = -7 < -6 (flagged), 0.5 gives -5 (kept)."""
+    u = np.random.default_rng(1).normal(size=D)
+    w = np.random.default_rng(2).normal(size=D)
+    w -= (w @ u) / (u @ u) * u  # orthogonal to u, same norm
+    w *= np.linalg.norm(u) / np.linalg.norm(w)
+
+    def odd_one(v):
+        return _screen([u.copy() for _ in range(9)] + [v])[1]
+
+    assert "c9" in odd_one(4.0 * u) and odd_one(3.0 * u) == {}
+    assert odd_one(0.3 * u + np.sqrt(1 - 0.09) * w)["c9"].startswith("direction outlier")
+    assert odd_one(0.5 * u + np.sqrt(1 - 0.25) * w) == {}
+    five = [u.copy() for _ in range(4)] + [50.0 * u]
+    assert set(_screen(five)[1]) == {"c4"}  # the default crowd is five updates
+
+
+def test_a_stateful_aggregators_state_travels_with_the_strategy_state():
+    from fedlearn.aggregators import make_aggregator
+
+    strategy = FedAvg()
+    strategy.aggregator = make_aggregator("centered_clipping", tau=10.0)
+    strategy.aggregate(_updates([[1.0, 2.0], [3.0, 4.0]], [1, 1]))
+    state = strategy.state_dict()
+    assert set(state) == {"aggregator/center"}
+    np.testing.assert_allclose(state["aggregator/center"], [2.0, 3.0])  # within tau: the plain mean
+    restored = FedAvg()
+    restored.aggregator = make_aggregator("centered_clipping", tau=10.0)
+    restored.load_state_dict(state)
+    np.testing.assert_array_equal(restored.aggregator.center, [2.0, 3.0])
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.0])
+def test_updates_without_a_positive_integer_example_count_are_rejected(n):
+    from fedlearn.server.validate import update_problem
+
+    problem = update_problem(Update("a", 1, np.zeros(2), n), expected_client="a", rnd=1, size=2)
+    assert problem == f"num_examples must be a positive integer, got {n!r}"
+
+
+def test_hyperparameters_at_the_edges_of_their_ranges():
+    from fedlearn.strategies.fedopt import ServerAdam
+
+    assert FedAdam(beta1=0.0, beta2=0.0).server_optimizer.beta1 == 0.0  # [0, 1): zero is allowed
+    assert FedAvgM(momentum=0.0).server_optimizer.momentum == 0.0
+    adam = ServerAdam(0.1)  # the paper's defaults
+    assert (adam.beta1, adam.beta2, adam.tau) == (0.9, 0.99, 1e-3)

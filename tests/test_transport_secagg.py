@@ -4,7 +4,6 @@ after it shared its keys, so the server must reconstruct its mask key from the o
 from __future__ import annotations
 
 import signal
-import threading
 
 import numpy as np
 import pytest
@@ -21,36 +20,17 @@ from fedlearn.transport.client_process import _Worker
 from fedlearn.transport.identity import Identity
 from fedlearn.transport.remote_pool import RemotePool
 from fedlearn.transport.secagg_handlers import load_peer_keys, secagg_handlers
-from fedlearn.transport.server_process import deployment_privacy, load_server_config, serve_builtin
-from transport_support import fedlearn_process, wait_for
+from fedlearn.transport.server_process import deployment_privacy, load_server_config
+from transport_support import ServerThread, fedlearn_process, server_toml, wait_for
 
 CLIENTS, ROUNDS, KILLED, KILL_ROUND = 5, 3, "4", 3
 PRIVACY = {"dp_clip": 2.0, "dp_noise": 0.01}
-SERVER_TOML = """
-seed = 0
-rounds = {rounds}
-[data]
-dataset = "digits"
-num_clients = {clients}
-[sampling]
-clients_per_round = {clients}
-eval_clients = 0
-[client]
-local_epochs = 1
-[privacy]
+PRIVACY_TOML = """[privacy]
 dp_clip = 2.0
 dp_noise = 0.01
 secagg = true
 secagg_graph = "full"
-{extra}
-[server]
-address = "127.0.0.1:0"
-run_dir = "run"
-certificate = "creds/server.pem"
-private_key = "creds/server.key"
-allow_list = "creds/allowlist.txt"
-round_deadline = 60
-"""
+{extra}"""
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +43,7 @@ def creds(tmp_path_factory):
 def _config(tmp_path, creds, extra=""):
     (tmp_path / "creds").symlink_to(creds)
     path = tmp_path / "server.toml"
-    path.write_text(SERVER_TOML.format(rounds=ROUNDS, clients=CLIENTS, extra=extra))
+    path.write_text(server_toml(ROUNDS, CLIENTS, privacy=PRIVACY_TOML.format(extra=extra)))
     return load_server_config(path)
 
 
@@ -81,47 +61,38 @@ def test_secure_aggregation_over_grpc_survives_a_client_killed_mid_training(tmp_
     monkeypatch.setattr(RemotePool, "exchange", spy)
     marks = tmp_path / "marks"
     marks.mkdir()
-    listening, outcome = threading.Event(), {}
-
-    def serve():
-        try:
-            outcome["result"] = serve_builtin(cfg, settings, on_listening=lambda p: (outcome.update(port=p), listening.set()))
-        finally:
-            listening.set()
-
-    runner = threading.Thread(target=serve)
-    runner.start()
+    server = ServerThread(cfg, settings)
     clients = []
     try:
-        assert listening.wait(30) and "port" in outcome
+        port = server.start()
         for k in range(CLIENTS):
             args = [f"index={k}", f"num_clients={CLIENTS}"]
             if str(k) == KILLED:
                 args += [f"marker_dir='{marks}'", "delay=60", f"slow_rounds='{KILL_ROUND}'"]
             clients.append(fedlearn_process(
-                ["client", "--server", f"127.0.0.1:{outcome['port']}", "--credentials", str(creds / "clients" / str(k)),
+                ["client", "--server", f"127.0.0.1:{port}", "--credentials", str(creds / "clients" / str(k)),
                  "--central-dp", "--client-module", "transport_support:make_digits_client",
                  *[a for kv in args for a in ("--client-arg", kv)]], tmp_path / f"client{k}.log"))
         # killed after it shared its keys, before its masked update: its pairwise masks must be recovered
-        wait_for(lambda: (marks / f"{KILLED}-round{KILL_ROUND}").exists(), 60, "the client to start its last round")
+        wait_for(lambda: (marks / f"{KILLED}-round{KILL_ROUND}").exists(), 240, "the client to start its last round")
         clients[int(KILLED)].send_signal(signal.SIGKILL)
-        runner.join(60)
-        assert not runner.is_alive() and "result" in outcome
+        result = server.join(60)
+        assert result is not None
         assert [p.wait(30) for p in clients] == [0, 0, 0, 0, -signal.SIGKILL]
     finally:
         for p in clients:
             p.kill()
-        runner.join(5)
+        server.join(5)
     expected = simulate({"seed": 0, "rounds": ROUNDS, "dataset": "digits", "num_clients": CLIENTS,
                          "clients_per_round": CLIENTS, "eval_clients": 0, "local_epochs": 1, "privacy": PRIVACY})
 
-    rounds = outcome["result"].history.rounds
+    rounds = result.history.rounds
     assert [r.participants for r in rounds] == [[str(k) for k in range(CLIENTS)]] * 2 + [["0", "1", "2", "3"]]
     assert [(f.client_id, f.kind) for f in rounds[-1].failures] == [(KILLED, "drop")]
     assert "secagg/masked" in rounds[-1].failures[0].reason
     # the dropout round still moved the model, and the run learns as well as without secure aggregation
     layout = Layout.of(seen[-1][0])
-    moved = layout.flatten(outcome["result"].final_state) - layout.flatten(seen[-1][0])
+    moved = layout.flatten(result.final_state) - layout.flatten(seen[-1][0])
     assert np.linalg.norm(moved) > 0.01
     accuracy = rounds[-1].metrics["test_accuracy"]
     assert expected.accuracy > 0.7 and abs(accuracy - expected.accuracy) <= 0.05
@@ -157,7 +128,7 @@ def test_secagg_handlers_sign_with_the_clients_identity_and_check_the_announced_
     identity = Identity.load(creds / "clients" / "0" / "identity.key")
     registry = load_peer_keys(creds / "allowlist.txt")
     plan = SecAggProtocol(SecAggConfig(), registry).plan(1, ["0", "1", "2"])
-    honest = SecAggProtocol(SecAggConfig(), registry)._plan_meta(plan, "0")
+    honest = SecAggProtocol(SecAggConfig(), registry).plan_meta(plan)
     worker = _Worker(client=None, transforms=(), handlers={})
     session = ClientSession("0", worker.memory, fit=None)
     reply = secagg_handlers("0", identity)[ADVERTISE](session, Message(ADVERTISE, meta=honest))

@@ -1,9 +1,16 @@
-"""Deployment security on loopback: only registered clients get in, TLS is required (mutual TLS on request),
-and every bad result is rejected with its reason while the server keeps serving the other clients."""
+"""Deployment security on loopback: only registered clients get in, and an outsider cannot tell an unknown id
+from a wrong key; TLS is required (mutual TLS on request, binding the certificate to the client id); every
+bad result is rejected with its reason while the server keeps serving the other clients; connections that
+never authenticate cannot crowd out registered clients; status needs credentials."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import queue
+import stat
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +31,13 @@ from fedlearn.transport.client_process import Connection
 from fedlearn.transport.identity import Identity
 from fedlearn.transport.remote_pool import RemotePool
 from fedlearn.transport.service import Service
-from fedlearn.transport.wire import CONNECT_METHOD, MAX_MESSAGE_BYTES, encode_metrics
+from fedlearn.transport.admission import Admission, Busy
+from fedlearn.transport.identity import hello_message, status_message
+from fedlearn.transport.service import AUTH_FAILED, STATUS_REFUSED
+from fedlearn.transport.status import query_status
+from fedlearn.transport.status_auth import client_metadata, token_metadata
+from fedlearn.transport.wire import CONNECT_METHOD, MAX_MESSAGE_BYTES, PROTOCOL, encode_metrics
+from transport_support import wait_for
 
 STATE = OrderedDict(w=np.zeros((4, 3), np.float32), b=np.zeros(3, np.float32))
 SIZE = 15
@@ -41,12 +54,16 @@ def creds(tmp_path_factory):
 class Served:
     """An in-process server (pool + service) at a free port, TLS on."""
 
-    def __init__(self, creds, *, deadline=3.0, max_connections=16, handshake_timeout=5.0, mutual=False):
+    def __init__(self, creds, *, deadline=3.0, max_connections=16, handshake_timeout=5.0, mutual=False,
+                 per_peer=8):
         self.creds = creds
         self.pool = RemotePool("run-A", round_deadline=deadline, wait_timeout=10)
-        service = Service(self.pool, creds / "allowlist.txt", pb.StatusReply, handshake_timeout=handshake_timeout)
+        self.service = Service(self.pool, creds / "allowlist.txt", lambda: pb.StatusReply(run_id="run-A"),
+                               handshake_timeout=handshake_timeout, max_clients=max_connections,
+                               max_unauthenticated_per_peer=per_peer, operator_token=creds / "operator.token.sha256")
         tls = ServerTLS(creds / "server.pem", creds / "server.key", creds / "ca.pem" if mutual else None)
-        self.grpc, self.port = start_server([service.handler()], "127.0.0.1:0", tls, max_connections)
+        self.grpc, self.port = start_server([self.service.handler()], "127.0.0.1:0", tls,
+                                            self.service.admission.capacity)
         self.address = f"127.0.0.1:{self.port}"
         self.executor = ThreadPoolExecutor(2)
 
@@ -94,17 +111,50 @@ def send(conn, header, payload) -> pb.Ack:
     return conn.read_ack()
 
 
-def test_unregistered_client_and_wrong_key_are_refused(served, creds):
-    outsider = creds / "clients" / "alice"  # real CA, but an id the allow-list does not hold
+def _hello_then_proof(address, tls, cid, identity):
+    """Play the handshake by hand; returns (first server message kind, RpcError ending the stream)."""
+    channel = open_channel(address, tls)
+    outbox = queue.Queue()
+    call = channel.stream_stream(CONNECT_METHOD, request_serializer=None,
+                                 response_deserializer=pb.ServerMessage.FromString)(iter(outbox.get, None))
+    outbox.put(pb.ClientMessage(hello=pb.Hello(protocol=PROTOCOL, client_id=cid)).SerializeToString())
+    first = next(call)
+    signature = identity.sign(hello_message(first.challenge.run_id, cid, first.challenge.nonce))
+    outbox.put(pb.ClientMessage(proof=pb.Proof(signature=signature)).SerializeToString())
     with pytest.raises(grpc.RpcError) as err:
-        Connection(open_channel(served.address, ClientBundle.load(outsider).tls), "eve", Identity.generate())
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "'eve' is not registered" in err.value.details()
-    with pytest.raises(grpc.RpcError) as err:
-        served.connect("alice", identity=Identity.generate())
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "does not match its registered key" in err.value.details()
+        next(call)
+    outbox.put(None)
+    channel.close()
+    return first.WhichOneof("body"), err.value
+
+
+def test_unknown_id_and_wrong_key_are_indistinguishable(served, creds, caplog):
+    """The attacker learns nothing about which ids are registered: both get a challenge, then the same refusal;
+    the server's log keeps the real reasons."""
+    tls = ClientBundle.load(creds / "clients" / "alice").tls  # real CA: anyone with ca.pem gets this far
+    with caplog.at_level(logging.WARNING, logger="fedlearn.transport"):
+        unknown = _hello_then_proof(served.address, tls, "eve", Identity.generate())
+        wrong_key = _hello_then_proof(served.address, tls, "alice", Identity.generate())
+    assert unknown[0] == wrong_key[0] == "challenge"
+    assert unknown[1].code() == wrong_key[1].code() == grpc.StatusCode.PERMISSION_DENIED
+    assert unknown[1].details() == wrong_key[1].details() == AUTH_FAILED
+    assert "'eve' is not registered" in caplog.text and "'alice' failed authentication" in caplog.text
     assert served.pool.connected() == []
+
+
+def test_an_empty_half_closed_stream_costs_one_short_log_line(served, creds, caplog):
+    tls = ClientBundle.load(creds / "clients" / "alice").tls
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            channel = open_channel(served.address, tls)
+            call = channel.stream_stream(CONNECT_METHOD)(iter([]))  # opens the stream and closes its side at once
+            assert list(call) == []  # the server ends the stream cleanly
+            channel.close()
+        wait_for(lambda: caplog.text.count("event=stream_closed") == 3, 5, "three log lines")
+    assert "Traceback" not in caplog.text and "StopIteration" not in caplog.text
+    assert not any(r.exc_info for r in caplog.records)
+    lines = [r.getMessage() for r in caplog.records if "event=stream_closed" in r.getMessage()]
+    assert all(len(line) < 200 and "where hello was expected" in line for line in lines)
 
 
 def test_tls_is_required_and_checks_the_server_certificate(served, tmp_path):
@@ -162,6 +212,7 @@ def test_client_without_the_servers_client_side_transforms_is_refused_its_task(s
     ("cross-run", "cross-run: result is for run 'run-B'"),
     ("other-client", "claims to be client 'bob'"),
     ("wrong-round", "result is for round 9"),
+    ("train-seconds", "forged: signature does not verify"),
 ])
 def test_forged_cross_run_and_misdirected_results_are_rejected(served, caplog, attack, reason):
     conn = served.connect("alice")
@@ -173,6 +224,8 @@ def test_forged_cross_run_and_misdirected_results_are_rejected(served, caplog, a
     elif attack == "cross-run":
         header.run_id = "run-B"
         conn.sign(header)  # properly signed, but for another run
+    elif attack == "train-seconds":
+        header.train_seconds = 0.001  # a straggler claiming to be quick, after signing
     elif attack == "other-client":
         header.client_id = "bob"
         conn.sign(header)
@@ -262,11 +315,13 @@ def test_malformed_and_oversized_messages_end_only_their_own_stream(served, garb
     assert results[0].kind == "drop" and isinstance(results[1], Update)  # alice's task failed at once
 
 
-def test_connection_flood_is_refused_while_registered_clients_are_served(creds):
-    server = Served(creds, max_connections=12, handshake_timeout=1.0)
+def test_idle_connections_cannot_crowd_out_registered_clients(creds):
+    """40 streams from the clients' own address that never send a byte: they share a budget of 8 waiting
+    streams, each newcomer pushing out the oldest, so registered clients still get in and are served, and
+    status is answered; gRPC's own cap is never what refuses anyone."""
+    server = Served(creds, max_connections=2, handshake_timeout=1.0, per_peer=8)
     try:
-        alice = server.connect("alice")
-        codes, lock, stop = [], threading.Lock(), threading.Event()
+        codes, lock, stop, peak = [], threading.Lock(), threading.Event(), []
 
         def idle_stream():
             channel = open_channel(server.address, ClientBundle.load(creds / "clients" / "bob").tls)
@@ -281,20 +336,127 @@ def test_connection_flood_is_refused_while_registered_clients_are_served(creds):
         flood = [threading.Thread(target=idle_stream) for _ in range(40)]
         for t in flood:
             t.start()
+        wait_for(lambda: peak.append(server.service.admission.counts()) or
+                 peak[-1]["evicted"] + peak[-1]["waiting"] + peak[-1]["timed_out"] >= 40, 20, "the flood to arrive")
+        alice = server.connect("alice")  # pushes out the oldest idle stream
         future = server.fit(["alice"], 1)
         assert send(alice, *answer(alice, alice.next_task())).accepted
         assert isinstance(future.result(5)[0], Update)
+        bob = server.connect("bob")
+        assert server.pool.connected() == ["alice", "bob"]
+        assert query_status(server.address, ClientTLS(creds / "ca.pem"), token_metadata(creds / "operator.token"),
+                            timeout=5).run_id == "run-A"
         for t in flood:
             t.join(10)
-        assert len(codes) == 40
-        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 25  # over the cap: refused at once
-        assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}  # the rest timed out
-        bob = server.connect("bob")  # the slots are free again
-        assert server.pool.connected() == ["alice", "bob"]
+        assert len(codes) == 40 and set(codes) == {grpc.StatusCode.CANCELLED}  # pushed out or timed out
+        assert max(c["waiting"] for c in peak) <= 8
+        counts = server.service.admission.counts()
+        assert counts["evicted"] >= 32 and counts["evicted"] + counts["timed_out"] == 40
+        assert counts["clients"] == 2 and counts["waiting"] == 0
         bob.close()
     finally:
         stop.set()
         server.close()
+
+
+def test_streams_over_the_client_budget_are_refused_after_authenticating(creds):
+    server = Served(creds, max_connections=1)
+    try:
+        alice = server.connect("alice")
+        with pytest.raises(grpc.RpcError) as err:
+            server.connect("bob")
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "maximum of 1 client connections" in err.value.details()
+        assert server.pool.connected() == ["alice"] and alice.run_id == "run-A"
+    finally:
+        server.close()
+
+
+def test_mutual_tls_binds_the_certificate_to_the_client_id(creds, caplog):
+    """Someone holding alice's certificate and bob's stolen identity key cannot connect as bob."""
+    server = Served(creds, mutual=True)
+    alice_tls = ClientBundle.load(creds / "clients" / "alice").tls
+    bob = ClientBundle.load(creds / "clients" / "bob")
+    try:
+        with caplog.at_level(logging.WARNING, logger="fedlearn.transport"), pytest.raises(grpc.RpcError) as err:
+            Connection(open_channel(server.address, alice_tls), "bob", bob.identity)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and err.value.details() == AUTH_FAILED
+        assert "certificate that names ['alice']" in caplog.text
+        with pytest.raises(grpc.RpcError) as err:  # and cannot read the status as bob either
+            query_status(server.address, alice_tls, client_metadata("bob", bob.identity), timeout=5)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "its TLS certificate names ['alice']" in caplog.text
+        assert server.connect("alice").run_id == "run-A"
+        assert server.pool.connected() == ["alice"]
+    finally:
+        server.close()
+
+
+def _signed_status(cid, identity, sent_at):
+    """A client's status request made by hand, at a chosen time."""
+    stamp, nonce = f"{sent_at:.3f}", os.urandom(16)
+    return [("fedlearn-client", cid), ("fedlearn-time", stamp), ("fedlearn-nonce-bin", nonce),
+            ("fedlearn-signature-bin", identity.sign(status_message(cid, stamp, nonce)))]
+
+
+def test_status_needs_a_clients_or_the_operators_credentials(served, creds, caplog):
+    tls = ClientTLS(creds / "ca.pem")
+    alice = ClientBundle.load(creds / "clients" / "alice")
+    token = (creds / "operator.token").read_text().strip()
+    assert query_status(served.address, tls, token_metadata(creds / "operator.token"), timeout=5).run_id == "run-A"
+    once = client_metadata("alice", alice.identity)
+    assert query_status(served.address, tls, once, timeout=5).run_id == "run-A"
+    attacks = {
+        "no credentials": ([], "no credentials"),
+        "wrong token": ([("authorization", "Bearer " + "0" * 64)], "wrong operator token"),
+        "token's digest as token": ([("authorization", "Bearer " + hashlib.sha256(token.encode()).hexdigest())],
+                                    "wrong operator token"),
+        "unknown client": (client_metadata("eve", Identity.generate()), "'eve' is not registered"),
+        "wrong key": (client_metadata("alice", Identity.generate()), "signature does not match"),
+        "replayed request": (once, "replayed status request"),
+        "stale request": (_signed_status("alice", alice.identity, time.time() - 3600), "from the server's clock"),
+    }
+    for name, (metadata, reason) in attacks.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fedlearn.transport"), pytest.raises(grpc.RpcError) as err:
+            query_status(served.address, tls, metadata, timeout=5)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and err.value.details() == STATUS_REFUSED, name
+        assert "event=status_refused" in caplog.text and reason in caplog.text, name
+
+
+def test_operator_token_is_private_and_the_server_holds_only_its_digest(creds):
+    token_file = creds / "operator.token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert len(bytes.fromhex(token)) == 32
+    digest = (creds / "operator.token.sha256").read_text().strip()
+    assert digest == hashlib.sha256(token.encode()).hexdigest() and token not in digest
+
+
+def test_admission_budgets_per_peer_in_total_and_in_time():
+    cancelled = []
+    gate = Admission(max_clients=1, total=3, per_peer=2, status_calls=1, handshake_timeout=0.3)
+    a1, a2, a3 = (gate.enter("ipv4:10.0.0.1:%d" % p, lambda p=p: cancelled.append(p)) for p in (1, 2, 3))
+    assert cancelled == [1] and a1.state == "out"  # a third from the same address pushes out its oldest
+    b1 = gate.enter("ipv4:10.0.0.2:1", lambda: cancelled.append("b1"))
+    assert cancelled == [1] and gate.counts()["waiting"] == 3  # another address is not pushed out by it
+    gate.enter("ipv4:10.0.0.3:1", lambda: cancelled.append("c1"))
+    assert cancelled == [1, 2]  # over the total: the oldest of all goes
+    with pytest.raises(Busy, match="pushed out"):
+        gate.authenticated(a1)
+    gate.authenticated(a3)
+    with pytest.raises(Busy, match="maximum of 1 client"):
+        gate.authenticated(b1)
+    gate.leave(a3)
+    assert gate.counts()["clients"] == 0
+    wait_for(lambda: "c1" in cancelled, 3, "the handshake timeout")  # b1 left when refused; c1 times out
+    assert gate.counts() == {"waiting": 0, "clients": 0, "status": 0, "evicted": 2, "timed_out": 1}
+    with gate.status_call():
+        with pytest.raises(Busy, match="status calls"):
+            with gate.status_call():
+                pass
+    with gate.status_call():
+        pass
 
 
 def test_protocol_stages_reach_client_handlers_over_the_wire(served):

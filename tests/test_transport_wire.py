@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from fedlearn import Update
 from fedlearn.serialize import SerializationError, decode_update, encode_update
 from fedlearn.transport import fedlearn_pb2 as pb
+from test_serialize import HOSTILE_HEADERS, _message
 from fedlearn.transport.identity import CLIENT_ID_PATTERN, AllowList, Identity, IdentityError, result_message, verify
 from fedlearn.transport.wire import (
     CHUNK_BYTES,
@@ -44,13 +45,13 @@ def _valid_stream() -> list[bytes]:
     return [pb.ClientMessage(result=header).SerializeToString()] + [m.SerializeToString() for m in _messages(payload)]
 
 
-def _decode_result(stream: list[bytes]) -> Update:
+def _decode_result(stream: list[bytes], limit: int = 1 << 20) -> Update:
     """The server's whole decoding path for one result."""
     messages = iter([decode_client_message(m) for m in stream])
     header = next(messages)
     if header.WhichOneof("body") != "result":
         raise WireError("not a result")
-    payload = collect(messages, header.result.payload_bytes, header.result.payload_sha256, limit=1 << 20)
+    payload = collect(messages, header.result.payload_bytes, header.result.payload_sha256, limit=limit)
     return decode_update(payload)
 
 
@@ -227,6 +228,18 @@ def test_fuzz_mutated_results_fail_with_a_reason_or_decode_consistently(stream):
     # Survivors changed nothing the checksums protect: the update is the honest one.
     assert update.client_id == "alice" and update.delta.shape == (50,)
     np.testing.assert_array_equal(update.delta, np.linspace(-1, 1, 50))
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_HEADERS))
+def test_hostile_tensor_headers_in_a_result_fail_with_a_reason(name):
+    """The headers that once escaped the decoder, sent as a result's payload through the server's whole path."""
+    payload = _message(HOSTILE_HEADERS[name][0])
+    header = pb.ResultHeader(run_id="run", round=3, nonce=b"n" * 16, client_id="alice", kind=pb.FIT,
+                             payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).digest(),
+                             signature=b"s" * 64)
+    stream = [pb.ClientMessage(result=header).SerializeToString()] + [m.SerializeToString() for m in _messages(payload)]
+    with pytest.raises(SerializationError, match=HOSTILE_HEADERS[name][1]):
+        _decode_result(stream, limit=2 << 20)
 
 
 def _changed(header: pb.ResultHeader, field) -> pb.ResultHeader:

@@ -54,6 +54,61 @@ def python_process(args: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=TESTS)
 
 
+SERVER_SECTION = """[server]
+address = "127.0.0.1:{port}"
+run_dir = "run"
+certificate = "creds/server.pem"
+private_key = "creds/server.key"
+allow_list = "creds/allowlist.txt"
+round_deadline = {deadline}
+"""
+DIGITS_TOML = """
+seed = 0
+rounds = {rounds}
+[data]
+dataset = "digits"
+num_clients = {clients}
+[sampling]
+clients_per_round = {clients}
+eval_clients = 0
+[client]
+local_epochs = 1
+{privacy}
+""" + SERVER_SECTION.replace("{deadline}", "60")
+
+
+def server_toml(rounds: int, clients: int, *, port: int = 0, privacy: str = "") -> str:
+    """A server.toml for the built-in digits task, with credentials in `creds/` beside it."""
+    return DIGITS_TOML.format(rounds=rounds, clients=clients, port=port, privacy=privacy)
+
+
+class ServerThread:
+    """`serve_app(cfg, settings)` in a thread: `start()` returns the port once it listens, `join()` the
+    run's result (None if it failed)."""
+
+    def __init__(self, cfg, settings) -> None:
+        self.outcome: dict = {}
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(cfg, settings))
+
+    def _serve(self, cfg, settings) -> None:
+        from fedlearn.transport.server_process import serve_app
+        try:
+            self.outcome["result"] = serve_app(
+                cfg, settings, on_listening=lambda port: (self.outcome.update(port=port), self._listening.set()))
+        finally:
+            self._listening.set()
+
+    def start(self, timeout: float = 30) -> int:
+        self._thread.start()
+        assert self._listening.wait(timeout) and "port" in self.outcome, "the server did not start listening"
+        return self.outcome["port"]
+
+    def join(self, timeout: float):
+        self._thread.join(timeout)
+        return None if self._thread.is_alive() else self.outcome.get("result")
+
+
 def mark_and_wait(cid: str, rnd: int, marker_dir: str, delay: float, slow_rounds: str) -> None:
     """Leave a marker file `<cid>-round<rnd>` in `marker_dir` (if given) when training starts, then wait
     `delay` seconds in the rounds listed in `slow_rounds` ("2,3"; every round when empty), so that a test
@@ -122,10 +177,11 @@ def big_state(megabytes: float) -> "OrderedDict[str, np.ndarray]":
 
 class TcpProxy:
     """Forwards 127.0.0.1:port to a target port; `cut()` drops every open connection (the listener stays),
-    like a network failure between a client and the server."""
+    like a network failure between a client and the server. The server sees the forwarded connections come
+    from `source` (another loopback address stands for another machine)."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target = target_port
+    def __init__(self, target_port: int, source: str = "127.0.0.1") -> None:
+        self.target, self.source = target_port, source
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
@@ -140,7 +196,7 @@ class TcpProxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target))
+                upstream = socket.create_connection(("127.0.0.1", self.target), source_address=(self.source, 0))
             except OSError:
                 client.close()
                 continue
@@ -196,15 +252,7 @@ local_epochs = 1
 [anomaly]
 enabled = false
 {sections}
-[server]
-address = "127.0.0.1:{port}"
-run_dir = "run"
-certificate = "creds/server.pem"
-private_key = "creds/server.key"
-allow_list = "creds/allowlist.txt"
-round_deadline = 30
-{server}
-"""
+""" + SERVER_SECTION.replace("{deadline}", "30") + "{server}\n"
 
 
 class Deployment:
@@ -250,7 +298,7 @@ class Deployment:
         for p in [*self.servers, *self.clients.values()]:
             p.kill()
 
-    def finish(self, timeout: float = 120):
+    def finish(self, timeout: float = 300):
         """Wait for the last server and every client to exit with 0; the committed rounds and models."""
         from fedlearn import RunStore
 

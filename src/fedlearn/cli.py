@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import run_commands
 from .config import DATASETS, PARTITIONS, ConfigError, SimulationConfig, load_toml
@@ -72,12 +72,19 @@ _PRIVACY_FLAGS: list[tuple[str, str, type, str]] = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (what is wrong and where to look), not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlearn", description="Federated learning: simulate, serve, audit.")
+    parser = OneLineParser(prog="fedlearn", description="Federated learning: simulate, serve, audit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every client failure")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser(
-        "simulate", help="run a federated simulation on built-in data",
+        "simulate", help="run a federated simulation of your app or a built-in data set",
         description="Run a federated simulation. Settings come from defaults, then --config, then flags.",
     )
     sim.add_argument("--config", type=Path, help="TOML file with settings (see README)")
@@ -86,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the run in DIR from its last committed round, with its stored settings; "
                           "--rounds may raise the number of rounds, any other setting is refused")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    deployment.add_app_flags(sim)
     sim.add_argument("--threads", type=int, default=1,
                      help="torch threads per process (default 1: faster for small models, see README)")
     for flag, dest, kind, help_text in _SIM_FLAGS:
@@ -142,6 +150,9 @@ def _simulation_settings(args: argparse.Namespace) -> dict[str, Any]:
                if getattr(args, f"privacy_{key}") is not None}
     if privacy:
         flags["privacy"] = {**values.get("privacy", {}), **privacy}
+    app = deployment.app_settings(args, values)
+    if app:
+        flags["app"] = app
     if args.contributions:
         flags["contributions"] = {**values.get("contributions", {}),
                                   "methods": [m.strip() for m in args.contributions.split(",") if m.strip()]}
@@ -182,11 +193,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         split = {"synthetic": f"{config.num_clients} devices (natural split)",
                  "femnist": "writers as clients (natural split)", "leaf": "users as clients (natural split)",
                  }.get(config.dataset, f"{config.num_clients} clients ({config.partition})")
-        print(f"fedlearn: {config.dataset}, {split}, "
-              f"{config.strategy}{robust}, {config.rounds} rounds, seed {config.seed}", flush=True)
+        task = f"app {config.app['factory']}" if config.app else f"{config.dataset}, {split}, {config.strategy}"
+        print(f"fedlearn: {task}{robust}, {config.rounds} rounds, seed {config.seed}", flush=True)
     result = simulate(config, run_dir=run_dir, resume=resume, show_progress=not args.quiet)
     last = result.history.last
-    print(f"final test accuracy: {last.get('test_accuracy', float('nan')):.4f}  "
+    print(f"final test accuracy: {result.accuracy:.4f}  "
           f"(test loss {last.get('test_loss', float('nan')):.4f}, {result.seconds:.1f}s)")
     if "dp_epsilon" in last:
         print(f"privacy spent: epsilon {last['dp_epsilon']:.3f} over {int(last['dp_rounds'])} noised rounds")

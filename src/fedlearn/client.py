@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from .types import Config, Metrics, State, Update
 
 if TYPE_CHECKING:
+    from .params import Layout
     from .transforms.base import Transform
 
 
@@ -30,6 +31,11 @@ class Client(ABC):
     def evaluate(self, state: State, config: Config) -> Metrics:
         """Evaluate `state` on local data. Clients without evaluation data need not override this."""
         raise NotImplementedError(f"client {self.cid!r} does not implement evaluate()")
+
+    def model_layout(self) -> "Layout | None":
+        """The names, shapes and dtypes of this client's model, if it knows them (None: unknown). A client
+        process sends it when connecting, and a server with another model refuses it at once."""
+        return None
 
 
 def run_fit(client: Client, state: State, config: Config, transforms: Sequence["Transform"] = ()) -> Update:

@@ -16,6 +16,8 @@ TOML layout (every key optional)::
     [privacy]   dp_clip, dp_noise | target_epsilon, dp_delta, epsilon_budget, accountant, sampling, adaptive_clip,
                 local_dp_clip, local_dp_noise, secagg, ... (see `fedlearn.privacy.config`)
     [simulation] backend (sequential, vectorized, process, ray), ray_address (a Ray cluster; empty: local Ray)
+    [app]       factory = "package.module:make_app" (your task instead of [data], [model], [strategy], [client]),
+                dir (folder to import it from, relative to the file), then the factory's keyword arguments
     [contributions] methods (gtg, loo, exact, cosine), metric, truncation, tolerance (empty: no accounting)
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .plugins import dataclass_from_dict
+from .plugins import closest, dataclass_from_dict
 from .privacy.config import PrivacyConfig
 
 DATASETS = ("digits", "breast_cancer", "synthetic", "femnist", "leaf")
@@ -86,6 +88,8 @@ class SimulationConfig:
     # simulation engine: where and how clients train (same results, different speed)
     backend: str = "sequential"
     ray_address: str = ""
+    # the user's app (`fedlearn.app.app_from_settings`): factory, dir, factory arguments; empty: built-in task
+    app: dict[str, Any] = field(default_factory=dict)
     # contribution accounting: ContributionAccounting settings; empty: off
     contributions: dict[str, Any] = field(default_factory=dict)
 
@@ -126,6 +130,9 @@ class SimulationConfig:
             _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1]")
         _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         _check(not self.ray_address or self.backend == "ray", "ray_address needs backend 'ray'")
+        _check(isinstance(self.app, dict), "app settings must be a table of name = value")
+        _check(not self.app or isinstance(self.app.get("factory"), str),
+               '[app] needs factory = "package.module:function"')
         _check(isinstance(self.contributions, dict), "contribution settings must be a table of name = value")
         if self.ray_address:
             from .simulation.ray_pool import check_ray_address
@@ -140,7 +147,7 @@ class SimulationConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SimulationConfig":
-        return dataclass_from_dict(cls, values, ConfigError)
+        return dataclass_from_dict(cls, values, ConfigError, describe=setting_name)
 
 
 # TOML (section, key) -> field name, where they differ.
@@ -148,10 +155,48 @@ _RENAMES = {("model", "name"): "model", ("strategy", "name"): "strategy", ("aggr
             ("attack", "name"): "attack", ("attack", "fraction"): "attack_fraction",
             ("anomaly", "enabled"): "anomaly_checks"}
 _SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults", "aggregator", "attack", "anomaly", "privacy",
-             "simulation", "contributions")
+             "simulation", "contributions", "app")
 # Sections whose keys (other than those renamed above) are free-form parameters of the named plug-in.
 _PLUGIN_SECTIONS = {"strategy": "strategy_params", "aggregator": "aggregator_params", "attack": "attack_params",
-                    "anomaly": "anomaly_params", "privacy": "privacy", "contributions": "contributions"}
+                    "anomaly": "anomaly_params", "privacy": "privacy", "contributions": "contributions", "app": "app"}
+
+
+_TOP = ("seed", "rounds")
+_SECTION_KEYS = {
+    "data": ("dataset", "data_path", "partition", "alpha", "shards_per_client", "sigma", "num_clients",
+             "synthetic_alpha", "synthetic_beta"),
+    "sampling": ("clients_per_round", "fraction", "min_clients", "eval_clients", "max_examples"),
+    "client": ("local_epochs", "batch_size", "lr", "momentum"),
+    "faults": ("crash_rate", "drop_rate", "straggler_rate"),
+    "simulation": ("backend", "ray_address"),
+}
+# field -> where it lives in a TOML file: (section, key); section "" is the top level
+_HOME = {**{f: ("", f) for f in _TOP}, **{f: (sec, f) for sec, keys in _SECTION_KEYS.items() for f in keys},
+         **{field_name: key for key, field_name in _RENAMES.items()},
+         **{field_name: (sec, "<parameter>") for sec, field_name in _PLUGIN_SECTIONS.items()}}
+
+
+def setting_name(field_name: str) -> str:
+    """How a setting is written in a config file: "[data] alpha", "[strategy] name", "rounds"."""
+    section, key = _HOME.get(field_name, ("", field_name))
+    if key == "<parameter>":
+        return f"the [{section}] table"
+    return f"[{section}] {key}" if section else key
+
+
+def _check_key(path: str | Path, section: str, key: str) -> None:
+    """Refuse a key that is not a setting of `section` ("" = top level), suggesting the closest setting."""
+    allowed = _TOP if not section else _SECTION_KEYS.get(section, ())
+    if key in allowed:
+        return
+    where = f"[{section}]" if section else "the top level"
+    home = _HOME.get(key)
+    if home is not None and home[1] == key:
+        raise ConfigError(f"{path}: {key!r} belongs in {setting_name(key).rsplit(' ', 1)[0] if home[0] else 'the top level'}, "
+                          f"not in {where}")
+    every = {f"{k}": setting_name(f) for f, (sec, k) in _HOME.items() if k != "<parameter>"}
+    suggestion = closest(key, every, lambda k: every[k])
+    raise ConfigError(f"{path}: unknown setting {key!r} in {where}{suggestion}")
 
 
 def load_toml(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -169,16 +214,26 @@ def load_toml(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict[st
             flat[key] = value
         elif isinstance(value, dict):
             if key not in _SECTIONS:
-                raise ConfigError(f"unknown section [{key}] in {path}; sections are {', '.join(_SECTIONS)}")
+                raise ConfigError(f"unknown section [{key}] in {path}{closest(key, _SECTIONS, lambda s: f'[{s}]')}; "
+                                  f"sections are {', '.join(_SECTIONS)}")
             for sub, v in value.items():
                 if key in _PLUGIN_SECTIONS and (key, sub) not in _RENAMES:
                     flat.setdefault(_PLUGIN_SECTIONS[key], {})[sub] = v
+                elif (key, sub) in _RENAMES:
+                    flat[_RENAMES[key, sub]] = v
                 else:
-                    flat[_RENAMES.get((key, sub), sub)] = v
+                    _check_key(path, key, sub)
+                    flat[sub] = v
         else:
+            _check_key(path, "", key)
             flat[key] = value
     if "fraction" in flat and "clients_per_round" not in flat:
         flat["clients_per_round"] = None
+    app_dir = flat.get("app", {}).get("dir")
+    if isinstance(app_dir, str) and not Path(app_dir).is_absolute():
+        flat["app"]["dir"] = str(Path(path).parent / app_dir)
+    elif "app" in flat and app_dir is None:
+        flat["app"]["dir"] = str(Path(path).parent)
     return flat
 
 

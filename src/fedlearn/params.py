@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,13 @@ class Layout:
             shapes=tuple(tuple(int(s) for s in np.shape(v)) for v in state.values()),
             dtypes=tuple(np.asarray(v).dtype.str for v in state.values()),
         )
+
+    def restricted_to(self, names: "Collection[str]") -> "Layout":
+        """The entries named in `names`, in this layout's order: the part of a client's model that a
+        partial global state (LoRA adapters and head, a FedPer body) federates."""
+        keep = [i for i, n in enumerate(self.names) if n in names]
+        return Layout(tuple(self.names[i] for i in keep), tuple(self.shapes[i] for i in keep),
+                      tuple(self.dtypes[i] for i in keep))
 
     @property
     def sizes(self) -> list[int]:
@@ -88,3 +95,22 @@ class Layout:
             shapes=tuple(tuple(int(x) for x in s) for s in raw["shapes"]),
             dtypes=tuple(raw["dtypes"]),
         )
+
+
+def layout_difference(expected: Layout, got: Layout, *, here: str = "the server's model",
+                      there: str = "the client's model") -> str | None:
+    """None when `got` equals `expected`; else a sentence naming the first parameter where they differ
+    (by position: name, shape or dtype), or the first one only one of them has."""
+    for i, (name, shape, dtype, g_name, g_shape, g_dtype) in enumerate(zip(
+            expected.names, expected.shapes, expected.dtypes, got.names, got.shapes, got.dtypes)):
+        if name != g_name:
+            return f"parameter #{i} is {name!r} in {here} but {g_name!r} in {there}"
+        if shape != g_shape:
+            return f"parameter {name!r} has shape {shape} in {here} but {g_shape} in {there}"
+        if dtype != g_dtype:
+            return f"parameter {name!r} has dtype {np.dtype(dtype)} in {here} but {np.dtype(g_dtype)} in {there}"
+    if len(expected.names) > len(got.names):
+        return f"parameter {expected.names[len(got.names)]!r} of {here} is missing in {there}"
+    if len(got.names) > len(expected.names):
+        return f"{there} has parameter {got.names[len(expected.names)]!r}, which {here} lacks"
+    return None

@@ -32,9 +32,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     consistency.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     consistency.add_argument("--head", type=Path, required=True, metavar="FILE", help="the earlier head or receipt")
 
-    report = sub.add_parser("report", help="reports from a run directory: `report contributions RUN_DIR`")
-    report.add_argument("what", choices=["contributions"], help="which report")
-    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report = sub.add_parser("report", help="summary of runs: `report RUN_DIR [RUN_DIR ...]` (side by side), "
+                                           "`report contributions RUN_DIR`",
+                            description="`fedlearn report RUN_DIR`: configuration, rounds, final and best metrics, "
+                                        "failures by reason, flagged clients, epsilon and time of a finished or "
+                                        "running run; several run directories are compared side by side. "
+                                        "`fedlearn report contributions RUN_DIR`: the payout split by contribution.")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or `contributions RUN_DIR`)")
     report.add_argument("--budget", type=float, default=100.0, help="amount to split (default 100)")
     report.add_argument("--method", default="gtg", help="score to split by: gtg, loo, exact, cosine (default gtg)")
     report.add_argument("--out", type=Path, help="write the CSV here instead of standard output")
@@ -87,16 +91,28 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.runs[0] != "contributions":
+        from .run_summary import report_text
+
+        print(report_text(args.runs))
+        return 0
+    if len(args.runs) != 2:
+        raise ConfigError("usage: fedlearn report contributions RUN_DIR")
+    return report_contributions(args, Path(args.runs[1]))
+
+
+def report_contributions(args: argparse.Namespace, run_dir: Path) -> int:
+    """The payout split of a run's contribution ledger."""
     from .contributions.payout import payout_csv, payout_split
     from .server.store import RunStore
 
-    store = RunStore(args.run_dir, readonly=True)
+    store = RunStore(run_dir, readonly=True)
     try:
         ledger = store.contribution_ledger()
     finally:
         store.close()
     if not ledger:
-        raise ConfigError(f"the run in {args.run_dir} has no contribution scores; run with [contributions] "
+        raise ConfigError(f"the run in {run_dir} has no contribution scores; run with [contributions] "
                           "(e.g. `fedlearn simulate --contributions gtg,cosine`)")
     text = payout_csv(payout_split(ledger, args.method, args.budget))
     if args.out:

@@ -115,17 +115,17 @@ def _nesting_depth(raw: bytes) -> int:
     b = np.frombuffer(raw, dtype=np.uint8)
     if b.size == 0:
         return 0
-    index = np.arange(b.size)
-    backslash = b == 0x5C
-    last_other = np.maximum.accumulate(np.where(backslash, -1, index))  # last non-backslash at or before i
-    run = index - last_other  # backslashes ending at i
-    escaped = np.zeros(b.size, dtype=bool)
-    escaped[1:] = run[:-1] % 2 == 1
-    quote = (b == 0x22) & ~escaped
-    outside = np.cumsum(quote) % 2 == 0  # a quote itself counts as inside when it opens, outside when it closes
+    quote = b == 0x22
+    if b"\\" in raw:  # only then can a quote be escaped
+        index = np.arange(b.size, dtype=np.int32)
+        last_other = np.maximum.accumulate(np.where(b == 0x5C, -1, index))  # last non-backslash at or before i
+        escaped = np.zeros(b.size, dtype=bool)
+        escaped[1:] = (index[:-1] - last_other[:-1]) % 2 == 1  # an odd run of backslashes ends just before i
+        quote &= ~escaped
+    outside = (np.cumsum(quote, dtype=np.int32) & 1) == 0  # an opening quote is inside, a closing one outside
     outside &= ~quote
-    step = ((b == 0x5B) | (b == 0x7B)).astype(np.int64) - ((b == 0x5D) | (b == 0x7D))
-    return int(np.cumsum(np.where(outside, step, 0)).max(initial=0))
+    step = ((b == 0x5B) | (b == 0x7B)).view(np.int8) - ((b == 0x5D) | (b == 0x7D)).view(np.int8)
+    return int(np.cumsum(np.where(outside, step, 0), dtype=np.int32).max(initial=0))
 
 
 def _bounded_int(text: str) -> int:
@@ -146,12 +146,10 @@ def _no_constant(name: str) -> float:
 
 
 def _element_count(shape: list[int], limit: int) -> int | None:
-    """Elements of `shape`, or None if a dimension or the product of its non-zero dimensions exceeds `limit`
-    (a zero dimension makes the array empty, but numpy still refuses shapes whose other dimensions overflow)."""
+    """Elements of `shape`, or None if the product of its non-zero dimensions exceeds `limit` (a zero dimension
+    makes the array empty, but numpy still refuses shapes whose other dimensions overflow)."""
     count, nonzero = 1, 1
     for size in shape:
-        if size > limit:
-            return None
         if size:
             nonzero *= size
             if nonzero > limit:
@@ -179,11 +177,11 @@ def _check_header(header: Any, max_bytes: int) -> tuple[list[tuple[str, np.dtype
             raise SerializationError(f"tensor {name!r}: dtype {dtype!r} is not allowed")
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise SerializationError(f"tensor {name!r}: invalid shape {str(shape)[:200]} (at most {MAX_DIMS} "
+            raise SerializationError(f"tensor {name!r}: invalid shape {repr(shape)[:200]} (at most {MAX_DIMS} "
                                      "non-negative integer dimensions)")
         count = _element_count(shape, max_bytes // np.dtype(dtype).itemsize)
         if count is None:
-            raise SerializationError(f"tensor {name!r}: shape {str(shape)[:200]} is larger than the limit of "
+            raise SerializationError(f"tensor {name!r}: shape {repr(shape)[:200]} is larger than the limit of "
                                      f"{max_bytes} bytes")
         nbytes = count * np.dtype(dtype).itemsize
         total += nbytes

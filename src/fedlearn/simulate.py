@@ -1,6 +1,6 @@
-"""Front door for simulations: `simulate(config)` for the built-in tasks, `run_simulation(...)` for any
-user-defined clients. Both run the same `Server` round loop over an in-process pool and write a run
-directory (SQLite store, final model, metrics CSV, plot)."""
+"""Front door for simulations: `simulate(config, app=...)` with the run settings of a config (on an app, or
+on a built-in task), `run_simulation(...)` for an app or its parts in Python. Both run the same `Server`
+round loop over an in-process pool and write a run directory (SQLite store, final model, metrics CSV, plot)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .app import App, app_from_settings
 from .client import Client
 from .config import ConfigError, SimulationConfig
 from .contributions import ContributionAccounting
@@ -28,20 +29,24 @@ from .server.round_loop import CentralEval
 from .server.sampling import PoissonSampler
 from .simulation import FaultInjector
 from .simulation.backends import make_pool
-from .simulation.robustness import Robustness, robustness_setup
+from .simulation.robustness import robustness_setup
 from .strategies import Strategy, make_strategy
-from .torch import TorchClient, state_of
 from .torch.models import build_model
 from .transforms.base import Transform
 from .types import State
 
 FINAL_MODEL = "final_model.flt"
+BUILTIN_TRAINING = ("local_epochs", "batch_size", "lr", "momentum")
+# Settings of the built-in task, which an app replaces: setting one of them beside an app is a mistake.
+TASK_SETTINGS = ("dataset", "data_path", "partition", "alpha", "shards_per_client", "sigma", "num_clients",
+                 "synthetic_alpha", "synthetic_beta", "model", "strategy", "strategy_params", *BUILTIN_TRAINING)
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SimulationResult:
-    """What a finished simulation returns."""
+    """What a finished run returns: its `history` (every round's metrics, see `History`), the final global
+    model `final_state`, the run directory (None when nothing was written) and the wall-clock `seconds`."""
 
     history: History
     final_state: State
@@ -50,7 +55,10 @@ class SimulationResult:
 
     @property
     def accuracy(self) -> float:
-        return self.history.last.get("test_accuracy", float("nan"))
+        """The last round's accuracy of the server's central evaluation (``test_accuracy``), else of the
+        clients' federated evaluation (``fed_accuracy``); NaN when the run measured neither."""
+        last = self.history.last
+        return last.get("test_accuracy", last.get("fed_accuracy", float("nan")))
 
 
 def load_task_data(cfg: SimulationConfig) -> FederatedDataset:
@@ -67,69 +75,56 @@ def load_task_data(cfg: SimulationConfig) -> FederatedDataset:
     return federate(central, cfg.partition, cfg.num_clients, seed=cfg.seed, **kwargs)
 
 
-@dataclass
-class BuiltinTask:
-    """A built-in task's parts, the same for a simulation and for a deployment's server and client processes."""
-
-    cfg: SimulationConfig
-    data: FederatedDataset
-    model_fn: Callable[[], torch.nn.Module]
-    robust: Robustness  # its `data` has the attackers' training data poisoned
-    strategy: Strategy
-
-    def client(self, cid: str) -> TorchClient:
-        """Client `cid` on its partition, with the configured local training settings."""
-        cfg = self.cfg
-        x, y = self.robust.data.clients[cid]
-        x_test, y_test = (self.data.client_test or {}).get(cid, (None, None))
-        return TorchClient(cid, self.model_fn, x, y, x_test=x_test, y_test=y_test, local_epochs=cfg.local_epochs,
-                           batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum)
-
-
-def builtin_task(cfg: SimulationConfig) -> BuiltinTask:
-    """Load the configured data; build the model factory, robustness settings and strategy."""
+def builtin_app(cfg: SimulationConfig) -> App:
+    """The built-in task of `cfg` (data set, model, strategy, client training settings) as an ordinary app."""
     data = load_task_data(cfg)
     in_features = int(torch.tensor(data.input_shape).prod())
 
     def model_fn() -> torch.nn.Module:
         return build_model(cfg.model, in_features, data.num_classes)
 
-    robust = robustness_setup(cfg, data, model_fn)  # attackers' data poisoned, aggregator, anomaly checks
-    strategy = make_strategy(cfg.strategy, **cfg.strategy_params)
-    if robust.aggregator is not None:
-        if not strategy.takes_aggregator:
-            raise ConfigError(f"strategy {strategy.name!r} combines updates by its own rule and cannot use the "
-                              f"{cfg.aggregator!r} aggregator; use fedavg, fedprox, a FedOpt strategy or scaffold")
-        strategy.aggregator = robust.aggregator
-    return BuiltinTask(cfg, data, model_fn, robust, strategy)
+    return App.from_data(data, model_fn, strategy=cfg.strategy, strategy_params=dict(cfg.strategy_params),
+                         fit_config={k: getattr(cfg, k) for k in BUILTIN_TRAINING})
 
 
-def initial_model_state(model_fn: Callable[[], torch.nn.Module], seed: int) -> State:
-    """The initial global model: `model_fn()` built under `torch.manual_seed(seed)`."""
-    torch.manual_seed(seed)
-    return state_of(model_fn())
+def task_app(cfg: SimulationConfig, app: App | None = None) -> App:
+    """The task of a run: `app`, else the app named in `cfg.app` ([app], --app), else the built-in task of
+    `cfg`. Built-in task settings next to an app are refused: they would be silently ignored."""
+    if app is None and not cfg.app:
+        return builtin_app(cfg)
+    defaults = SimulationConfig()
+    changed = [name for name in TASK_SETTINGS if getattr(cfg, name) != getattr(defaults, name)]
+    if changed:
+        raise ConfigError(f"the app defines the task, so these settings would be ignored: {', '.join(changed)}; "
+                          "remove them (data, model, strategy and client training belong to the app)")
+    return app if app is not None else app_from_settings(cfg.app)
 
 
 def simulate(
     config: SimulationConfig | dict[str, Any] | None = None,
     *,
+    app: App | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     show_progress: bool = False,
 ) -> SimulationResult:
-    """Run a built-in simulation. With `resume`, continue the run stored in `run_dir` from its last round:
-    with its stored configuration when `config` is None, or with `config`, which may differ from it only in a
-    higher `rounds`. Without `resume`, a `run_dir` holding a run of another configuration is refused."""
+    """Run a simulation with the run settings of `config` (rounds, sampling, faults, robustness, privacy,
+    backend) on `app`, or on the built-in task `config` describes when no app is given. With `resume`,
+    continue the run stored in `run_dir` from its last round: with its stored configuration when `config`
+    is None (an app named in it is loaded again; an `app` object must be given again), or with `config`,
+    which may differ from it only in a higher `rounds`. Without `resume`, a `run_dir` holding a run of
+    another configuration is refused."""
     if resume:
         if run_dir is None:
             raise ConfigError("cannot resume without the run directory (run_dir)")
         config = stored_config(run_dir) if config is None else config
     cfg = config if isinstance(config, SimulationConfig) else SimulationConfig.from_dict(dict(config or {}))
-    task = builtin_task(cfg)
-    robust = task.robust
-    privacy = build_privacy(PrivacyConfig.from_dict(cfg.privacy), client_ids=task.data.client_ids,
-                            cohort=ClientSampler(cfg.clients_per_round, cfg.fraction).size(len(task.data.client_ids)),
-                            rounds=cfg.rounds, strategy=task.strategy, seed=cfg.seed)
+    app = task_app(cfg, app)
+    client_ids = app.simulated_client_ids
+    robust = robustness_setup(cfg, app, len(client_ids))
+    privacy = build_privacy(PrivacyConfig.from_dict(cfg.privacy), client_ids=client_ids,
+                            cohort=ClientSampler(cfg.clients_per_round, cfg.fraction).size(len(client_ids)),
+                            rounds=cfg.rounds, strategy=robust.strategy, seed=cfg.seed)
     for line in privacy.summary:
         log.info("privacy: %s", line)
         if show_progress:
@@ -137,42 +132,44 @@ def simulate(
     # secure aggregation hides individual updates, so the anomaly checks have nothing to screen
     anomaly_checks = None if privacy.protocol is not None else robust.anomaly_checks
     return run_simulation(
-        task.client, task.data.client_ids, task.model_fn, strategy=task.strategy,
+        app=robust.app, strategy=robust.strategy,
         rounds=cfg.rounds, clients_per_round=cfg.clients_per_round, fraction=cfg.fraction,
         min_clients=robust.min_clients, eval_clients=cfg.eval_clients, max_examples=cfg.max_examples,
-        central_eval=robust.central_eval, transforms=[*robust.transforms, *privacy.transforms],
+        transforms=[*robust.transforms, *privacy.transforms],
         anomaly_checks=anomaly_checks, protocol=privacy.protocol, handlers=privacy.handlers, sampler=privacy.sampler,
         faults=FaultInjector(cfg.crash_rate, cfg.drop_rate, cfg.straggler_rate, seed=cfg.seed),
         seed=cfg.seed, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume, show_progress=show_progress,
         backend=cfg.backend, ray_address=cfg.ray_address or None,
-        contributions=contribution_accounting(cfg, task, privacy.protocol is not None or bool(privacy.transforms)),
+        contributions=contribution_accounting(cfg, app, privacy.protocol is not None or bool(privacy.transforms)),
     )
 
 
-def contribution_accounting(cfg: SimulationConfig, task: "BuiltinTask", private: bool) -> ContributionAccounting | None:
-    """The configured contribution accounting on the task's held-out data, or None when it is off. Refused with
-    secure aggregation (no individual updates to score) and DP (scores of raw updates would leak)."""
+def contribution_accounting(cfg: SimulationConfig, app: App, private: bool) -> ContributionAccounting | None:
+    """The configured contribution accounting with the app's central evaluation (held-out data), or None when
+    it is off. Refused with secure aggregation (no individual updates to score) and DP (scores of raw updates
+    would leak)."""
     if not cfg.contributions:
         return None
     if private:
         raise ConfigError("contribution accounting scores individual updates, which secure aggregation hides and "
                           "differential privacy must not publish; turn off [contributions] or [privacy]")
-    from .torch.train import central_evaluator
-
-    x, y = task.data.test
+    if app.central_eval is None:
+        raise ConfigError("contribution accounting needs held-out data on the server: the app's central_eval")
     try:
-        return ContributionAccounting(central_evaluator(task.model_fn, x, y), seed=cfg.seed, **cfg.contributions)
+        return ContributionAccounting(app.central_eval, seed=cfg.seed, **cfg.contributions)
     except TypeError as exc:
         raise ConfigError(f"bad [contributions] setting: {exc}") from None
 
 
 def run_simulation(
-    client_fn: Callable[[str], Client],
-    client_ids: Sequence[str],
+    client_fn: Callable[[str], Client] | None = None,
+    client_ids: Sequence[str] | None = None,
     model_fn: Callable[[], torch.nn.Module] | None = None,
     *,
+    app: App | None = None,
+    data: FederatedDataset | None = None,
     initial_state: State | None = None,
-    strategy: Strategy | None = None,
+    strategy: Strategy | str | None = None,
     rounds: int = 10,
     clients_per_round: int | None = None,
     fraction: float | None = None,
@@ -196,8 +193,13 @@ def run_simulation(
     ray_address: str | None = None,
     contributions: ContributionAccounting | None = None,
 ) -> SimulationResult:
-    """Simulate federated training of any clients. The initial model is `initial_state`, or `model_fn()`
-    built under `torch.manual_seed(seed)`. Samples all clients each round unless a count or fraction is given.
+    """Simulate federated training. The task is an `app` (see `fedlearn.App`), or is given by its parts:
+    `data` (a `FederatedDataset`) and `model_fn` are enough (a `TorchClient` per client, central evaluation
+    on `data.test`), or any clients as `client_fn(cid)` over `client_ids` with `model_fn` or `initial_state`.
+    `strategy` (an object or a registered name such as "fedyogi") and `central_eval` replace the app's.
+
+    The initial model is `initial_state`, or `model_fn()` built under `torch.manual_seed(seed)`. Samples all
+    clients each round unless a count or fraction is given.
     With `run_dir`, every round is committed to a run store there, and a run of the same configuration already
     in it is resumed; another configuration is refused (`RunDirConflict`), and `resume=True` may only raise
     `rounds`. The configuration is `run_config` (a front door's settings), or else `Server.describe()` with the
@@ -207,22 +209,23 @@ def run_simulation(
     A multi-stage `protocol` (secure aggregation) needs its client-side `handlers`; `sampler` replaces the
     count / fraction sampler (e.g. Poisson sampling for DP). `backend` picks where clients train
     (sequential, vectorized, process, ray; see `fedlearn.simulation.backends`), `ray_address` a Ray cluster.
-    `contributions` scores each round's accepted updates into the run store's contribution ledger."""
-    if initial_state is None:
-        if model_fn is None:
-            raise ValueError("give model_fn or initial_state for the initial global model")
-        initial_state = initial_model_state(model_fn, seed)
+    `contributions` scores each round's accepted updates into the run store's contribution ledger.
+    Metric names: see `fedlearn.metrics`."""
+    app = _simulation_app(app, data, client_fn, client_ids, model_fn, initial_state)
+    if isinstance(strategy, str):
+        strategy = make_strategy(strategy)
+    client_ids = app.simulated_client_ids
     if clients_per_round is None and fraction is None:
         fraction = 1.0
     sampler = sampler or ClientSampler(clients_per_round, fraction, seed=seed)
     if isinstance(sampler, ClientSampler):
         sampler.size(len(client_ids))  # refuse more clients per round than there are, before any work
-    pool = make_pool(backend, client_fn, client_ids, faults, handlers=handlers, ray_address=ray_address)
+    pool = make_pool(backend, app.client, client_ids, faults, handlers=handlers, ray_address=ray_address)
     server = Server(
-        pool, strategy or make_strategy("fedavg"), initial_state, sampler=sampler, min_clients=min_clients,
+        pool, strategy or app.build_strategy(), app.initial(seed), sampler=sampler, min_clients=min_clients,
         max_failed_rounds=max_failed_rounds, anomaly_checks=anomaly_checks, protocol=protocol, max_examples=max_examples,
-        transforms=transforms, central_eval=central_eval, eval_clients=eval_clients, seed=seed,
-        contributions=contributions,
+        transforms=transforms, central_eval=central_eval or app.central_eval, eval_clients=eval_clients, seed=seed,
+        contributions=contributions, fit_config=app.fit_config, evaluate_metrics=app.evaluate_metrics,
     )
     store = None
     start = time.perf_counter()
@@ -247,6 +250,30 @@ def run_simulation(
     if result.run_dir is not None:
         write_outputs(result)
     return result
+
+
+def _simulation_app(app: App | None, data: FederatedDataset | None, client_fn: Callable[[str], Client] | None,
+                    client_ids: Sequence[str] | None, model_fn: Callable[[], torch.nn.Module] | None,
+                    initial_state: State | None) -> App:
+    """The app `run_simulation` runs: the one given, or one made of the given parts."""
+    parts = {"data": data, "client_fn": client_fn, "client_ids": client_ids, "model_fn": model_fn,
+             "initial_state": initial_state}
+    if app is not None:
+        given = [name for name, value in parts.items() if value is not None]
+        if given:
+            raise ValueError(f"give either app or its parts, not both (also given: {', '.join(given)})")
+        return app
+    if data is not None:
+        if client_fn is not None or client_ids is not None:
+            raise ValueError("give data, or client_fn with client_ids, not both")
+        if model_fn is None:
+            raise ValueError("run_simulation(data=...) needs model_fn, the model every client trains")
+        return App.from_data(data, model_fn, initial_state=initial_state)
+    if client_fn is None or not client_ids:
+        raise ValueError("say where the clients come from: data=FederatedDataset, or client_fn and client_ids")
+    if model_fn is None and initial_state is None:
+        raise ValueError("give model_fn or initial_state for the initial global model")
+    return App(model_fn=model_fn, initial_state=initial_state, client_fn=client_fn, client_ids=list(client_ids))
 
 
 def write_outputs(result: SimulationResult) -> None:

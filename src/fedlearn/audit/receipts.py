@@ -3,7 +3,9 @@
 A receipt is a signed tree head, the round's record and its inclusion proof. `check_receipt` verifies all
 three (signature, record bytes, Merkle path) and that the client is named in the record; `check_extends`
 verifies a consistency proof between an older head and a newer one, so a client that kept an early
-receipt detects a server that later rewrote or truncated its log. Everything here parses untrusted input.
+receipt detects a server that later rewrote or truncated its log. In a deployment the server's
+`ReceiptIssuer` sends them with each fit task and the client's `accept_bundle` checks and keeps them.
+Everything a client receives is parsed as untrusted input.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from . import merkle
-from .log import AuditError, TreeHead, canonical
+from .log import AuditError, AuditLog, TreeHead, canonical
 
 MAX_PROOF = 64  # a Merkle path of a tree with up to 2^64 leaves
+AUDIT_KEY = "audit"  # the fit task config entry that carries a client's audit bundle
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,7 @@ def check_receipt(receipt: Receipt, *, client_id: str | None = None, public_key:
     except (merkle.ProofError, ValueError, TypeError) as exc:
         raise AuditError(f"receipt for round {receipt.record.get('round')}: {exc}") from None
     if client_id is not None:
-        named = set(receipt.record.get("accepted") or {}) | {
-            r.get("client") for r in receipt.record.get("refused") or [] if isinstance(r, dict)}
-        if client_id not in named:
+        if not names(receipt.record, client_id):
             raise AuditError(f"receipt for round {receipt.record.get('round')} does not name client {client_id!r}")
 
 
@@ -118,3 +119,70 @@ def load_head(path: str | Path) -> TreeHead:
     except (OSError, json.JSONDecodeError) as exc:
         raise AuditError(f"cannot read a tree head from {path}: {exc}") from None
     return TreeHead.from_json(value["head"] if isinstance(value, dict) and "head" in value else value)
+
+
+class ReceiptIssuer:
+    """Server side: the audit bundle that goes to a client with its next fit task (under the task config's
+    "audit" key): the newest signed head, a receipt for every record naming the client that it has not been
+    sent yet, and the consistency proof from the head it was sent last time. A record is appended after the
+    round's tasks went out, so the receipt of a client's last round reaches it with its next task (or from
+    `fedlearn audit prove`). After a server restart the first bundle restarts from the last record naming
+    the client, whose task carried the head of that size."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self.log = log
+        self._sent: dict[str, int] = {}
+
+    def bundle(self, client_id: str) -> dict[str, Any] | None:
+        head = self.log.latest_head(self.log.public_key)
+        if head is None:
+            return None
+        records = [(idx, json.loads(bytes(data))) for idx, _, data in self.log.records()[:head.size]]
+        named = [(idx, record) for idx, record in records if names(record, client_id)]
+        since = self._sent.get(client_id, named[-1][0] if named else 0)
+        receipts = [Receipt(head, idx, record, self.log.inclusion(idx, head.size)).to_json()
+                    for idx, record in named if idx >= since]
+        proof = self.log.consistency(since, head.size) if 0 < since < head.size else []
+        self._sent[client_id] = head.size
+        return {"head": head.to_json(), "receipts": receipts, "from_size": since, "consistency": [p.hex() for p in proof]}
+
+
+def names(record: dict[str, Any], client_id: str) -> bool:
+    """True when an audit record lists the client among the accepted, refused or flagged."""
+    accepted, refused = record.get("accepted"), record.get("refused")
+    return (isinstance(accepted, dict) and client_id in accepted) or (isinstance(refused, list) and any(
+        isinstance(r, dict) and r.get("client") == client_id for r in refused))
+
+
+def accept_bundle(book: ReceiptBook, bundle: Any, client_id: str, public_key: str | None = None) -> list[Path]:
+    """Client side: check an audit bundle from the server and keep its receipts; returns the files written.
+
+    The signing key is `public_key` when given, else the one this book pinned when it first met the log
+    (trust on first use). Raises `AuditError` on a bad signature, a receipt that does not verify or does not
+    name this client, or a head that does not extend (or goes back behind) the head kept from before."""
+    if not isinstance(bundle, dict) or set(bundle) != {"head", "receipts", "from_size", "consistency"}:
+        raise AuditError("audit bundle needs exactly head, receipts, from_size, consistency")
+    head = TreeHead.from_json(bundle["head"])
+    known = book.latest_head(head.log_id)
+    key = public_key or (known.public_key if known else head.public_key)
+    head.check(key)
+    if not isinstance(bundle["receipts"], list) or len(bundle["receipts"]) > 10_000:
+        raise AuditError("audit bundle receipts must be a list")
+    receipts = [Receipt.from_json(r) for r in bundle["receipts"]]
+    for receipt in receipts:
+        if receipt.head != head:
+            raise AuditError("a receipt in the bundle is not under the bundle's head")
+        check_receipt(receipt, client_id=client_id, public_key=key)
+    if known is not None:
+        if head.size < known.size:
+            raise AuditError(f"the server's log shrank from {known.size} to {head.size} records")
+        if head.size == known.size and head.root != known.root:
+            raise AuditError(f"two different roots for {head.size} records: the log was rewritten")
+        if head.size > known.size:
+            if bundle["from_size"] != known.size:
+                raise AuditError(f"the server proved consistency from {bundle['from_size']} records, but this client "
+                                 f"last saw {known.size}")
+            check_extends(known, head, hashes(bundle["consistency"], "consistency proof"), key)
+    paths = [book.keep(r) for r in receipts]
+    book.set_latest_head(head)
+    return paths

@@ -20,7 +20,7 @@ from typing import Any
 from ..server.store import RunStore
 from . import merkle
 from .log import AuditError, TreeHead, canonical
-from .receipts import Receipt, check_extends
+from .receipts import Receipt, check_extends, names
 from .record import digest
 
 
@@ -61,7 +61,7 @@ def _verify(store: RunStore, external: list[TreeHead], pinned: str | None) -> Ve
     log_id = store.audit.log_id
     rows = store.audit.records()
     hashes = [merkle.leaf_hash(bytes(data)) for _, _, data in rows]
-    stored_rounds = {r: (model, participants) for r, model, participants in store.committed()}
+    stored_rounds = {r: (digest(model), participants) for r, model, participants in store.committed()}
     previous: dict[str, Any] | None = None
     for position, (idx, rnd, data) in enumerate(rows):
         if idx != position:
@@ -85,7 +85,7 @@ def _verify(store: RunStore, external: list[TreeHead], pinned: str | None) -> Ve
         if stored is None:
             problems.append(f"round {record.get('round')} has a record but no committed round in the store")
         else:
-            if digest(stored[0]) != record.get("model_after"):
+            if stored[0] != record.get("model_after"):
                 problems.append(f"the model stored for round {record['round']} is not the one its record hashes")
             if sorted(stored[1]) != sorted(record.get("accepted") or {}):
                 problems.append(f"the participants stored for round {record['round']} differ from its record")
@@ -156,9 +156,8 @@ def prove(run_dir: str | Path, client_id: str, rnd: int) -> Receipt:
         receipt = Receipt(head, index, record, store.audit.inclusion(index, head.size))
     finally:
         store.close()
-    named = set(record.get("accepted") or {}) | {r.get("client") for r in record.get("refused") or []}
-    if client_id not in named:
-        raise AuditError(f"client {client_id!r} took no part in round {rnd} (its record names {len(named)} clients)")
+    if not names(record, client_id):
+        raise AuditError(f"client {client_id!r} took no part in round {rnd}")
     return receipt
 
 

@@ -1,5 +1,6 @@
-"""The dashboard's web server: the page and its assets from the package (no CDN, works offline) and one
-JSON endpoint, `/api/state`, that the page polls for live updates. Stdlib `http.server`, one thread per
+"""The dashboard's web server: the page and its assets from the package (no CDN, works offline), one
+JSON endpoint, `/api/state`, that the page polls for live updates, and `/metrics` (the same numbers in the
+Prometheus text format, for scraping). Stdlib `http.server`, one thread per
 request, listening on 127.0.0.1 unless told otherwise.
 
 With an operator token every request for data must carry it (`Authorization: Bearer TOKEN`); the page
@@ -8,6 +9,7 @@ that decides.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -26,12 +28,14 @@ ASSETS = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js",
           "/style.css": ("style.css", "text/css; charset=utf-8")}
 
 
-def authorized(header: str | None, token: str | None) -> bool:
-    """True when no token is required, or `header` is `Bearer <token>` (compared in constant time)."""
-    if token is None:
+def authorized(header: str | None, token_digest: str | None) -> bool:
+    """True when no token is required, or `header` is `Bearer <token>` with the token's SHA-256 equal to
+    `token_digest` (compared in constant time; the server holds only the digest, as for `fedlearn status`)."""
+    if token_digest is None:
         return True
     scheme, _, given = (header or "").partition(" ")
-    return scheme == "Bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    presented = hashlib.sha256(given.strip().encode()).hexdigest()
+    return scheme == "Bearer" and hmac.compare_digest(presented.encode(), token_digest.encode())
 
 
 def _asset(name: str) -> bytes:
@@ -42,8 +46,8 @@ class Dashboard:
     """Serves `source()` (a JSON-ready dict) and the page. `start()` returns the port; `stop()` ends."""
 
     def __init__(self, source: Callable[[], dict[str, Any]], *, host: str = "127.0.0.1", port: int = 0,
-                 token: str | None = None) -> None:
-        self.source, self.token = source, token
+                 token_digest: str | None = None) -> None:
+        self.source, self.token_digest = source, token_digest
         handler = self._handler()
         self._httpd = ThreadingHTTPServer((host, port), handler)
         self._httpd.daemon_threads = True
@@ -74,12 +78,16 @@ class Dashboard:
                 if path in ASSETS:
                     name, kind = ASSETS[path]
                     self._send(200, _asset(name), kind)
-                elif path == "/api/state":
-                    if not authorized(self.headers.get("Authorization"), dashboard.token):
+                elif path in ("/api/state", "/metrics"):
+                    if not authorized(self.headers.get("Authorization"), dashboard.token_digest):
                         self._send(401, b'{"error": "operator token required"}', "application/json")
                         return
                     try:
-                        body = json.dumps(dashboard.source(), allow_nan=False).encode()
+                        state = dashboard.source()
+                        if path == "/metrics":
+                            self._send(200, prometheus_text(state).encode(), "text/plain; version=0.0.4")
+                            return
+                        body = json.dumps(state, allow_nan=False).encode()
                     except Exception as exc:  # a half-written run must not take the dashboard down
                         log.warning("dashboard snapshot failed: %s", exc)
                         body = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
@@ -101,6 +109,28 @@ class Dashboard:
                 log.debug("dashboard: " + format, *args)
 
         return Handler
+
+
+def prometheus_text(state: dict[str, Any]) -> str:
+    """The snapshot's headline numbers in the Prometheus text format, for operators who scrape."""
+    rounds = state.get("rounds") or []
+    last = rounds[-1] if rounds else {"round": 0, "metrics": {}}
+    epsilon = (state.get("privacy") or {}).get("epsilon") or []
+    audit = state.get("audit") or {}
+    values = {
+        "fedlearn_round": last["round"],
+        "fedlearn_failures_total": state.get("failures_total", 0),
+        "fedlearn_flagged_total": state.get("flagged_total", 0),
+        "fedlearn_audit_log_size": audit.get("size", 0),
+        "fedlearn_audit_log_verified": int(bool(audit.get("ok"))),
+        **({"fedlearn_epsilon": epsilon[-1][1]} if epsilon else {}),
+        **{f"fedlearn_{k}": v for k, v in last["metrics"].items()
+           if k in ("test_accuracy", "test_loss", "train_loss", "fed_accuracy", "fed_loss") and v is not None},
+    }
+    if state.get("live"):
+        values["fedlearn_connected_clients"] = len(state["live"].get("connected_clients") or [])
+        values["fedlearn_rejected_results_total"] = state["live"].get("rejected_results", 0)
+    return "".join(f"{name} {float(value):g}\n" for name, value in values.items())
 
 
 def serve_run(run_dir: str | Path, *, port: int = 8050, host: str = "127.0.0.1") -> None:

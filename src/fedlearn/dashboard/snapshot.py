@@ -5,6 +5,7 @@ the budget, the contribution ledger and the audit log's state. Works on finished
 from __future__ import annotations
 
 import math
+import sqlite3
 import threading
 from collections import Counter
 from pathlib import Path
@@ -25,12 +26,20 @@ class RunSnapshots:
         self._lock = threading.Lock()
 
     def __call__(self) -> dict[str, Any]:
+        waiting = {"run_dir": str(self.run_dir), "waiting": True, "rounds": []}
         if not (self.run_dir / "run.sqlite").exists():
-            return {"run_dir": str(self.run_dir), "waiting": True, "rounds": []}
-        store = RunStore(self.run_dir, readonly=True)
+            return waiting
         try:
+            store = RunStore(self.run_dir, readonly=True)
+        except sqlite3.OperationalError as exc:  # a store still being created has no tables yet
+            return {**waiting, "note": str(exc)}
+        try:
+            if store.last_round() is None:
+                return waiting
             snapshot = _read(store)
             last = store.last_round()
+        except sqlite3.OperationalError as exc:  # a store still being created has no tables yet
+            return {**waiting, "note": str(exc)}
         finally:
             store.close()
         snapshot["run_dir"] = str(self.run_dir)

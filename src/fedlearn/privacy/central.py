@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 CLIP_KEY = "dp_clip"
 UNCLIPPED_KEY = "dp_unclipped"
+TRANSPORT_SLACK = 1e-6  # relative: float32 transport of a delta clipped to C raises its norm by at most ~1e-7
 
 
 class PrivacyBudgetExhausted(StopRun):
@@ -130,7 +131,7 @@ class CentralDP(Transform):
         for u in updates:
             norm = float(np.linalg.norm(u.delta))
             unclipped = u.metrics.get(UNCLIPPED_KEY)
-            if self.verify_clipping and norm > self.clip * (1 + 1e-9):
+            if self.verify_clipping and norm > self.clip * (1 + TRANSPORT_SLACK):
                 refused.append(Failure(u.client_id, "rejected", f"update norm {norm:.4g} exceeds the DP clip norm "
                                        f"{self.clip:.4g}: the client did not clip"))
             elif self.adaptive is not None and unclipped not in (0.0, 1.0):
@@ -138,7 +139,10 @@ class CentralDP(Transform):
                 refused.append(Failure(u.client_id, "rejected", f"metric {UNCLIPPED_KEY!r} must be 0 or 1 (whether "
                                        f"the update was within the clip norm), got {unclipped!r}"))
             else:
-                kept.append(dataclasses.replace(u, num_examples=1))
+                # rounding on the way (a clipped float64 delta sent in float32) can leave it a hair outside the
+                # ball; project it back, so the sensitivity stays exactly C
+                delta = u.delta * (self.clip / norm) if self.verify_clipping and norm > self.clip else u.delta
+                kept.append(dataclasses.replace(u, delta=delta, num_examples=1))
         return kept, refused
 
     def finalize(self, delta: np.ndarray, updates: list[Update], rnd: int) -> np.ndarray:

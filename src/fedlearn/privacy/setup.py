@@ -70,7 +70,7 @@ def build_privacy(cfg: PrivacyConfig, *, client_ids: Sequence[str], cohort: int,
                                  "secure aggregation, enough for the fewest survivors the round accepts; the server "
                                  "adds none and never holds an un-noised sum")
         setup.summary.append(f"secure aggregation: {secagg.graph} graph, threshold {secagg.threshold:g} of each "
-                             f"neighbourhood, coordinates clipped to +-{secagg.clip_range:g}; update anomaly checks are off "
+                             f"neighbourhood and of the cohort (consistency quorum), coordinates clipped to +-{secagg.clip_range:g}; update anomaly checks are off "
                              "(they need individual updates)")
     if cfg.he:
         setup.protocol, setup.handlers = _he(cfg, strategy, registry is not None)

@@ -35,7 +35,7 @@ MASKED = "secagg/masked"
 CONSISTENCY = "secagg/consistency"
 UNMASK = "secagg/unmask"
 STAGES = (ADVERTISE, SHARE, MASKED, CONSISTENCY, UNMASK)
-IDENTITY_KEYS = "identity_keys"  # advertise meta: client id -> Ed25519 public key (hex) of it and its neighbours
+IDENTITY_KEYS = "identity_keys"  # advertise meta: client id -> Ed25519 public key (hex) of the whole cohort
 GRAPHS = ("sparse", "full")
 # metrics summed inside the masked vector: (name, low, high); a value is clipped to [low, high], a client that
 # does not report one counts as 0. The server learns only the cohort's sum of each.

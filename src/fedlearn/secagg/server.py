@@ -139,8 +139,8 @@ class SecAggProtocol(RoundProtocol):
         digest = plan.digest()
         failures: list[Failure] = []
 
-        replies = self._stage(pool, ADVERTISE, {c: Message(ADVERTISE, meta=self._plan_meta(plan, c)) for c in cohort},
-                              failures)
+        meta = self.plan_meta(plan)
+        replies = self._stage(pool, ADVERTISE, {c: Message(ADVERTISE, meta=meta) for c in cohort}, failures)
         for cid, reply in replies.items():
             problem = _bytes_problem(reply, {"c_pk": keys.KEY_BYTES, "s_pk": keys.KEY_BYTES,
                                              "signature": SIGNATURE_BYTES})
@@ -290,11 +290,10 @@ class SecAggProtocol(RoundProtocol):
         return exchange_stage(pool, stage, requests, failures, deadline=deadline or self.config.deadline,
                               state=state, transforms=transforms)
 
-    def _plan_meta(self, plan: RoundPlan, cid: str) -> dict:
-        """The plan, plus the identity public keys of the client and its neighbours (hex) for clients that
-        take the registry from the server (a deployment's client processes)."""
-        ids = [cid, *plan.neighbours(cid)]
-        return {**plan.to_meta(), IDENTITY_KEYS: {j: self.registry[j].hex() for j in ids if j in self.registry}}
+    def plan_meta(self, plan: RoundPlan) -> dict:
+        """The plan, plus the identity public keys (hex) of the whole cohort, whose consistency signatures every
+        client checks, for clients that take the registry from the server (a deployment's client processes)."""
+        return {**plan.to_meta(), IDENTITY_KEYS: {j: self.registry[j].hex() for j in plan.cohort if j in self.registry}}
 
     def _signed(self, cid: str, reply: Message, statement: bytes, failures: list[Failure]) -> bool:
         """Whether `reply` carries `cid`'s valid identity signature on `statement`; a forgery is a failure."""

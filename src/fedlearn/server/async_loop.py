@@ -2,8 +2,8 @@
 
 Clients train continuously on the model version they were given. Follow one update: `_fill` keeps
 `concurrency` clients busy, each on the current model (version v); the `Executor` brings back results as
-they finish; `_accept` validates each one (`update_problem`), drops it if its staleness s (server steps since
-version v) exceeds `max_staleness`, and buffers it. When `buffer_size` (K) results are buffered, `_flush` runs
+they finish; `_accept` validates each one (`usable_problem`), drops it if its staleness s (server steps since
+version v) exceeds `max_staleness`, and buffers it with its weight capped at `max_examples`. When `buffer_size` (K) results are buffered, `_flush` runs
 the same path as a synchronous round: transforms' `server` halves, the anomaly checks, then each delta is
 scaled by the staleness weight w(s) and `Strategy.aggregate`, the transforms' `finalize` halves and
 `Strategy.apply` (the strategy's server optimizer) make the next version. One flush is one server step: one
@@ -31,10 +31,10 @@ from ..transforms.base import StopRun, Transform
 from ..types import Config, Failure, Metrics, State, Update
 from .anomaly import AnomalyChecks
 from .pool import ClientPool
-from .round_loop import CentralEval, History, RoundCallback
+from .round_loop import CentralEval, History, RoundCallback, RoundFailedError
 from .sampling import client_seed
 from .store import RoundRecord, RunStore
-from .validate import update_problem
+from .validate import MAX_COUNT, capped, usable_problem
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class AsyncServer:
         eval_every: int = 1,
         store: RunStore | None = None,
         seed: int = 0,
+        max_examples: int | None = None,
     ) -> None:
         if buffer_size < 1 or concurrency < 1:
             raise ValueError(f"buffer_size and concurrency must be >= 1, got {buffer_size} and {concurrency}")
@@ -140,6 +141,8 @@ class AsyncServer:
             raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
         if eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+        if max_examples is not None and not 1 <= max_examples <= MAX_COUNT:
+            raise ValueError(f"max_examples must be in [1, 2**53], got {max_examples}")
         if strategy.client_extras:
             raise ValueError(f"strategy {strategy.name!r} needs {', '.join(strategy.client_extras)} from every "
                              "client of a synchronous round (control variates); use it with the round loop, or "
@@ -154,7 +157,7 @@ class AsyncServer:
         self.max_staleness = max_staleness
         self.transforms, self.anomaly_checks = list(transforms), anomaly_checks
         self.central_eval, self.eval_every = central_eval, eval_every
-        self.store, self.seed = store, seed
+        self.store, self.seed, self.max_examples = store, seed, max_examples
         self.step = 0
         self.history = History()
         self.stop_reason = ""
@@ -230,12 +233,19 @@ class AsyncServer:
         return {**self.strategy.configure_fit(rnd, cid), **settings, "round": rnd, "seed": seed}
 
     def _accept(self, task: Task, result: Update | Failure) -> None:
-        """Validate one result and buffer it with its staleness, or record why it was not used."""
+        """Validate one result and buffer it with its staleness, or record why it was not used. So many
+        unusable results without a step that no step is coming stop the run with `RoundFailedError`."""
+        limit = 10 * (self.buffer_size + self.concurrency)
+        if len(self._failures) >= limit:
+            reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in self._failures[-3:])
+            raise RoundFailedError(f"{len(self._failures)} results in a row were unusable after step {self.step} "
+                                   f"(last: {reasons})")
         if isinstance(result, Failure):
             self._failures.append(result)
             return
         staleness = self.step - task.version
-        problem = update_problem(result, expected_client=task.client_id, rnd=task.version + 1, size=self.layout.size)
+        problem = usable_problem(result, self.strategy, expected_client=task.client_id, rnd=task.version + 1,
+                                 size=self.layout.size)
         if problem is not None:
             self._failures.append(Failure(task.client_id, "rejected", f"update rejected: {problem}"))
         elif self.max_staleness is not None and staleness > self.max_staleness:
@@ -245,7 +255,7 @@ class AsyncServer:
         elif result.partial and not self.strategy.accept_partial:
             self._failures.append(Failure(task.client_id, "straggler", f"partial work dropped by {self.strategy.name}"))
         else:
-            self._buffer.append((result, staleness))
+            self._buffer.append((capped(result, self.max_examples), staleness))
 
     def _flush(self, final: bool = False) -> RoundRecord:
         """One server step from the buffered results; committed to the store."""

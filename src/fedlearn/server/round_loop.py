@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,16 +34,17 @@ import numpy as np
 
 from ..audit.record import update_digest
 from ..contributions.accounting import ContributionAccounting
+from ..metrics import MetricAggregation, weighted_mean_metrics
 from ..params import Layout
 from ..strategies.base import Strategy
 from ..transforms.base import StopRun, Transform
-from ..types import EvalResult, Failure, Metrics, State, Update
+from ..types import Config, EvalResult, Failure, Metrics, State, Update
 from .anomaly import AnomalyChecks
 from .pool import ClientPool
 from .protocol import RoundAborted, RoundProtocol
 from .sampling import ClientSampler, client_seed
 from .store import RoundEvidence, RoundRecord, RunStore
-from .validate import MAX_COUNT, count_problem, metrics_problem, update_problem
+from .validate import MAX_COUNT, capped, count_problem, metrics_problem, usable_problem
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +58,25 @@ class RoundFailedError(RuntimeError):
 
 @dataclass
 class History:
-    """Metrics of every completed round."""
+    """Every completed round of a run, in order: `rounds[i]` is a `RoundRecord` (round number, metrics,
+    participants, failures with reasons). The metric names are listed in `fedlearn.metrics`
+    (``test_accuracy`` for the server's evaluation, ``fed_accuracy`` for the clients', ...)."""
 
     rounds: list[RoundRecord] = field(default_factory=list)
 
     def metric(self, name: str) -> list[float]:
-        return [r.metrics[name] for r in self.rounds if name in r.metrics]
+        """The values of metric `name` over the rounds that recorded it, in round order. A name no round
+        recorded raises `KeyError` listing the names that exist."""
+        values = [r.metrics[name] for r in self.rounds if name in r.metrics]
+        if not values and self.rounds:
+            known = sorted({k for r in self.rounds for k in r.metrics})
+            raise KeyError(f"no round recorded metric {name!r}; recorded metrics: {', '.join(known)} "
+                           "(names are listed in fedlearn.metrics)")
+        return values
 
     @property
     def last(self) -> dict[str, float]:
+        """The metrics of the last completed round (empty before the first)."""
         return self.rounds[-1].metrics if self.rounds else {}
 
 
@@ -89,6 +101,8 @@ class Server:
         protocol: RoundProtocol | None = None,
         max_examples: int | None = None,
         contributions: ContributionAccounting | None = None,
+        fit_config: Config | None = None,
+        evaluate_metrics: MetricAggregation = weighted_mean_metrics,
     ) -> None:
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
@@ -103,6 +117,7 @@ class Server:
         self.central_eval, self.eval_clients = central_eval, eval_clients
         self.store, self.seed, self.max_failed_rounds = None, seed, max_failed_rounds
         self.anomaly_checks, self.max_examples, self.contributions = anomaly_checks, max_examples, contributions
+        self.fit_config, self.evaluate_metrics = dict(fit_config or {}), evaluate_metrics
         self.protocol = protocol or RoundProtocol()
         self.protocol.check(strategy)
         for transform in self.transforms:
@@ -199,11 +214,12 @@ class Server:
     def run_round(self, rnd: int) -> RoundRecord:
         """One complete round, committed to the store; a failed round (too few usable updates, or a protocol
         that aborted) keeps the model."""
+        started = time.perf_counter()
         state = self.state
         settings = {k: v for transform in self.transforms for k, v in transform.configure(rnd).items()}
         cohort = self.sampler.sample(self.pool.client_ids, rnd)
         instructions = {
-            cid: {**self.strategy.configure_fit(rnd, cid), **settings, "round": rnd,
+            cid: {**self.fit_config, **self.strategy.configure_fit(rnd, cid), **settings, "round": rnd,
                   "seed": client_seed(self.seed, rnd, cid)}
             for cid in cohort
         }
@@ -259,6 +275,7 @@ class Server:
         if self.store is not None:
             self.store.commit_round(rnd, self.state, self.strategy.state_dict(), metrics, record.participants, failures,
                                     note, evidence=evidence)
+        record.seconds = time.perf_counter() - started
         self.round = rnd
         self.history.rounds.append(record)
         return record
@@ -306,7 +323,8 @@ class Server:
         if isinstance(result, Failure):
             answered.add(result.client_id)
             return result
-        problem = self._update_problem(result, instructions, rnd)
+        expected = result.client_id if result.client_id in instructions else "<not sampled>"
+        problem = usable_problem(result, self.strategy, expected_client=expected, rnd=rnd, size=self.layout.size)
         if problem is None and result.client_id in answered:
             problem = "sent more than one update this round"
         answered.add(result.client_id)
@@ -314,24 +332,7 @@ class Server:
             return Failure(result.client_id, "rejected", f"update rejected: {problem}")
         if result.partial and not self.strategy.accept_partial:
             return Failure(result.client_id, "straggler", f"partial work dropped by {self.strategy.name}")
-        return self._capped(result)
-
-    def _update_problem(self, update: Update, instructions: dict, rnd: int) -> str | None:
-        """Why `update` is unusable, or None; a check that fails on a hostile value costs only its sender."""
-        expected = update.client_id if update.client_id in instructions else "<not sampled>"
-        try:
-            return (update_problem(update, expected_client=expected, rnd=rnd, size=self.layout.size)
-                    or self.strategy.update_problem(update))
-        except Exception as exc:  # noqa: BLE001 - whatever a client sent, only that client pays for it
-            return f"could not be checked ({type(exc).__name__}: {exc})"[:500]
-
-    def _capped(self, update: Update) -> Update:
-        """`update` with its example weight capped at `max_examples` (the largest credible count)."""
-        if self.max_examples is None or update.num_examples <= self.max_examples:
-            return update
-        log.info("round %d: client %s claims %d examples; its weight is capped at max_examples=%d", update.round,
-                 update.client_id, update.num_examples, self.max_examples)
-        return dataclasses.replace(update, num_examples=self.max_examples)
+        return capped(result, self.max_examples)
 
     def _round_metrics(self, updates: list[Update], failures: list[Failure], cohort: list[str], rnd: int) -> Metrics:
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
@@ -358,14 +359,9 @@ class Server:
             problem = count_problem(r.num_examples, minimum=0) or metrics_problem(r.metrics)
             if problem is not None:
                 log.info("round %d: evaluation result of client %s ignored: %s", rnd, r.client_id, problem)
-            elif r.num_examples > 0:
+            else:
                 usable.append(r)
-        results = usable
-        if not results:
-            return {}
-        weights = np.array([r.num_examples for r in results], dtype=np.float64)
-        keys = set.intersection(*(set(r.metrics) for r in results)) - {"num_examples"}
-        return {f"fed_{k}": float(np.average([r.metrics[k] for r in results], weights=weights)) for k in sorted(keys)}
+        return {f"fed_{k}": float(v) for k, v in self.evaluate_metrics(usable).items()}
 
 
 def _timeouts(instructions: dict, answered: set[str]) -> list[Failure]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,17 @@ class RoundRecord:
     participants: list[str]
     failures: list[Failure] = field(default_factory=list)
     note: str = ""
+    seconds: float = 0.0  # wall-clock time of the round (read back: the time since the previous commit)
+
+
+def _owner_only(path: Path) -> None:
+    """Create `path` (or keep it) with mode 0600, never through a symlink; SQLite gives its WAL and shared
+    memory files the database's mode, so they are 0600 too."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -98,7 +111,8 @@ class RunStore:
             self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
             self.audit = AuditLog(self._conn, self.get_meta("run_id", ""))
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new run directory is its owner's only
+        _owner_only(self.path)
         self._conn = sqlite3.connect(self.path, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -224,10 +238,11 @@ class RunStore:
             raise KeyError(f"round {rnd} is not in the run store {self.path}")
         return decode_state(row[0]), dict(decode_tensors(row[1])[0])
 
-    def committed(self) -> list[tuple[int, bytes, list[str]]]:
-        """(round, encoded model, participants) of every committed round, round 0 included, in order."""
-        return [(r, bytes(m), json.loads(p)) for r, m, p in
-                self._conn.execute("SELECT round, model, participants FROM rounds ORDER BY round")]
+    def committed(self) -> Iterator[tuple[int, bytes, list[str]]]:
+        """(round, encoded model, participants) of every committed round, round 0 included, in order; one
+        row at a time, so a long run of a large model is never all in memory."""
+        for r, m, p in self._conn.execute("SELECT round, model, participants FROM rounds ORDER BY round"):
+            yield r, bytes(m), json.loads(p)
 
     def contribution_ledger(self) -> dict[str, dict[str, tuple[float, int]]]:
         """Cumulative contributions: client -> method -> (sum of round scores, rounds scored)."""
@@ -249,16 +264,19 @@ class RunStore:
     def history(self) -> list[RoundRecord]:
         """Every committed round after round 0, in order."""
         rows = self._conn.execute(
-            "SELECT round, metrics, participants, failures, note FROM rounds WHERE round > 0 ORDER BY round"
+            "SELECT round, metrics, participants, failures, note, committed_at FROM rounds ORDER BY round"
         ).fetchall()
         return [
-            RoundRecord(r, json.loads(m), json.loads(p), [Failure(*f) for f in json.loads(fl)], note)
-            for r, m, p, fl, note in rows
+            RoundRecord(r, json.loads(m), json.loads(p), [Failure(*f) for f in json.loads(fl)], note,
+                        seconds=max(0.0, at - previous[5]))
+            for previous, (r, m, p, fl, note, at) in zip(rows, rows[1:])
         ]
 
 
 def stored_config(run_dir: str | Path) -> dict[str, Any]:
     """The configuration of the run stored in `run_dir` (to resume it); `ValueError` if there is none."""
+    if not Path(run_dir).exists():
+        raise ValueError(f"cannot resume: the run directory {run_dir} does not exist")
     if not (Path(run_dir) / DB_NAME).exists():
         raise ValueError(f"cannot resume: {run_dir} holds no run store ({DB_NAME})")
     store = RunStore(run_dir)

@@ -3,12 +3,19 @@ values, and counts and metrics of a credible type and size. Each check returns t
 refused (or None), and never raises, whatever the value: a bad value costs its sender, never the round."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..types import Update
+
+if TYPE_CHECKING:
+    from ..strategies.base import Strategy
+
+log = logging.getLogger(__name__)
 
 MAX_COUNT = 2**53  # the largest example count accepted at all: float64 holds every integer up to it exactly
 MAX_METRICS = 64
@@ -89,3 +96,22 @@ def sum_norm_problem(total: np.ndarray, count: int, clip: float, slack: float = 
         return (f"the sum has L2 norm {norm:.4g}, more than {count} clients clipped to {clip:g} can reach "
                 f"({bound:.4g}): a client did not clip")
     return None
+
+
+def usable_problem(update: Update, strategy: "Strategy", *, expected_client: str, rnd: int, size: int) -> str | None:
+    """`update_problem`, then what the strategy itself needs (`Strategy.update_problem`). A check that fails
+    on a hostile value is a reason too: whatever a client sent, only that client pays for it."""
+    try:
+        return (update_problem(update, expected_client=expected_client, rnd=rnd, size=size)
+                or strategy.update_problem(update))
+    except Exception as exc:  # noqa: BLE001
+        return f"could not be checked ({type(exc).__name__}: {exc})"[:500]
+
+
+def capped(update: Update, max_examples: int | None) -> Update:
+    """`update` with its example count, its weight in the mean, capped at `max_examples` (None: no cap)."""
+    if max_examples is None or update.num_examples <= max_examples:
+        return update
+    log.info("round %d: client %s claims %d examples; its weight is capped at max_examples=%d", update.round,
+             update.client_id, update.num_examples, max_examples)
+    return dataclasses.replace(update, num_examples=max_examples)

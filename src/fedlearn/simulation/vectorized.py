@@ -86,6 +86,8 @@ class VectorizedPool(InProcessPool):
         """Why this client cannot join a cohort, or None when it can."""
         if not isinstance(client, TorchClient) or type(client).fit is not TorchClient.fit:
             return f"{type(client).__name__} is not a TorchClient, so it trains on its own"
+        if client.class_weights is not None:
+            return "class-weighted clients train one by one"
         unknown = config.keys() - COHORT_KEYS
         if unknown:
             return f"config keys {sorted(unknown)} are not reproduced by the cohort engine, so clients train alone"

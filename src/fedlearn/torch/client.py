@@ -1,7 +1,8 @@
 """`TorchClient`: a complete client for a PyTorch model on in-memory data, in about ten lines of use."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ class TorchClient(Client):
     ``gradient_correction`` (SCAFFOLD) is added to every local gradient, and the update then carries the
     mean uncorrected gradient as ``extras["mean_gradient"]``.
     Evaluation uses (x_test, y_test) when given, else the training data.
+    `class_weights` (one positive number per class) weight the training loss, as ``weight=`` of cross
+    entropy does, so that rare classes count more on an imbalanced task; evaluation stays unweighted.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class TorchClient(Client):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         shuffle: bool = True,
+        class_weights: Sequence[float] | np.ndarray | None = None,
     ) -> None:
         super().__init__(cid)
         if len(x) != len(y) or len(x) == 0:
@@ -50,6 +54,8 @@ class TorchClient(Client):
         self.x_test = torch.as_tensor(x_test) if has_test else self.x
         self.y_test = torch.as_tensor(y_test) if has_test else self.y
         self.loss_fn = loss_fn
+        self.class_weights = None if class_weights is None else _checked_weights(cid, class_weights)
+        self.train_loss_fn = loss_fn if self.class_weights is None else partial(loss_fn, weight=self.class_weights)
         self.defaults = {"local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
                          "momentum": momentum, "weight_decay": weight_decay}
         self.shuffle = shuffle
@@ -63,6 +69,12 @@ class TorchClient(Client):
             self._model = self.model_fn()
         load_state(self._model, state, partial=True)
         return self._model
+
+    def model_layout(self) -> Layout:
+        """The layout of `model_fn()`'s state."""
+        if self._model is None:
+            self._model = self.model_fn()
+        return Layout.of(state_of(self._model))
 
     def sgd_settings(self, config: Config) -> dict[str, Any]:
         """This round's `train_local` settings: local defaults overridden by the server's `config`, plus the
@@ -85,7 +97,7 @@ class TorchClient(Client):
         layout = Layout.of(state)
         correction = config.get("gradient_correction")
         drift = GradientCorrection(model, layout, correction) if correction is not None else None
-        metrics = train_local(model, self.x, self.y, **settings, loss_fn=self.loss_fn, generator=generator,
+        metrics = train_local(model, self.x, self.y, **settings, loss_fn=self.train_loss_fn, generator=generator,
                               grad_hook=drift)
         delta = layout.flatten(state_of(model, state.keys())) - layout.flatten(state)
         extras = {"mean_gradient": drift.mean_gradient()} if drift is not None else {}
@@ -94,3 +106,11 @@ class TorchClient(Client):
 
     def evaluate(self, state: State, config: Config) -> Metrics:
         return evaluate_model(self.model(state), self.x_test, self.y_test, loss_fn=self.loss_fn)
+
+
+def _checked_weights(cid: str, weights: Sequence[float] | np.ndarray) -> torch.Tensor:
+    """Class weights as a float32 tensor: one positive finite number per class."""
+    values = np.asarray(weights, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"client {cid!r}: class_weights must be one positive number per class, got {weights!r}")
+    return torch.as_tensor(values, dtype=torch.float32)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from ..metrics import classification_metrics
 from ..params import Layout
 from ..types import Metrics, State
 from .adapters import load_state
@@ -179,16 +180,19 @@ def evaluate_model(
     loss_fn: LossFn = torch.nn.functional.cross_entropy,
     batch_size: int = 4096,
 ) -> dict[str, float]:
-    """Mean loss and accuracy of `model` on (x, y)."""
+    """Mean loss of `model` on (x, y), and for a classifier (outputs of shape (n, classes)) the metrics of
+    `fedlearn.metrics.classification_metrics`: accuracy, balanced accuracy, F1, AUC, per-class report."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, outputs = 0.0, []
     for start in range(0, x.shape[0], batch_size):
         out = model(x[start : start + batch_size])
-        target = y[start : start + batch_size]
-        loss_sum += float(loss_fn(out, target, reduction="sum"))
-        correct += int((out.argmax(dim=1) == target).sum())
+        loss_sum += float(loss_fn(out, y[start : start + batch_size], reduction="sum"))
+        outputs.append(out)
     n = max(1, x.shape[0])
-    return {"loss": loss_sum / n, "accuracy": correct / n, "num_examples": float(x.shape[0])}
+    metrics = {"loss": loss_sum / n, "num_examples": float(x.shape[0])}
+    if outputs and outputs[0].ndim == 2 and not y.is_floating_point():
+        metrics.update(classification_metrics(torch.cat(outputs).numpy(), y.numpy()))
+    return metrics
 
 
 def central_evaluator(

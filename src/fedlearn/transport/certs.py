@@ -7,11 +7,14 @@ Layout of the output folder::
     ca.pem  ca.key              the CA (keep ca.key offline; it signs every certificate)
     server.pem  server.key      the server's TLS certificate, valid for the names given
     allowlist.txt               client id -> identity public key, read by the server
+    operator.token              the operator's secret for `fedlearn status` (mode 0600; keep it private)
+    operator.token.sha256       its SHA-256, which is all the server holds
     clients/<id>/               copy this folder to the client's machine, and nothing else
         client_id  identity.key  ca.pem  client.pem  client.key
 
 Running it again on the same folder keeps the CA, the server certificate and existing clients, and adds
-the new clients.
+the new clients. Private keys are created exclusively with mode 0600 (never through a symlink, never over an
+existing file unless `force`).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .channels import ClientTLS
 from .identity import AllowList, Identity, IdentityError, check_client_id, write_private
+from .status_auth import OPERATOR_TOKEN_HASH, create_operator_token
 
 CA_YEARS, LEAF_YEARS = 10, 2
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1")
@@ -54,17 +58,22 @@ class ClientBundle:
         return cls(check_client_id(id_file.read_text().strip()), Identity.load(folder / "identity.key"), tls)
 
 
-def create(out: str | Path, client_ids: Sequence[str], server_names: Sequence[str] = DEFAULT_SERVER_NAMES) -> list[Path]:
-    """Create (or extend) the credentials folder `out`; returns the new client bundle folders."""
+def create(out: str | Path, client_ids: Sequence[str], server_names: Sequence[str] = DEFAULT_SERVER_NAMES, *,
+           force: bool = False) -> list[Path]:
+    """Create (or extend) the credentials folder `out`; returns the new client bundle folders. A private key
+    file left in the way (say, by an interrupted earlier run) is refused unless `force` replaces it."""
     out = Path(out)
     for cid in client_ids:
         check_client_id(cid)
     if len(set(client_ids)) != len(client_ids):
         raise IdentityError("client ids must be unique")
-    ca_key, ca_cert = _load_or_create_ca(out)
+    ca_key, ca_cert = _load_or_create_ca(out, force)
     if not (out / "server.pem").exists():
         names = list(dict.fromkeys([*server_names, *DEFAULT_SERVER_NAMES]))
-        _write_leaf(out / "server.pem", out / "server.key", ca_key, ca_cert, "fedlearn server", names, server=True)
+        _write_leaf(out / "server.pem", out / "server.key", ca_key, ca_cert, "fedlearn server", names, server=True,
+                    force=force)
+    if not (out / OPERATOR_TOKEN_HASH).exists():
+        create_operator_token(out, force=force)
     allow = out / "allowlist.txt"
     registered = AllowList.load(allow).keys if allow.exists() else {}
     taken = [cid for cid in client_ids if cid in registered]
@@ -76,27 +85,28 @@ def create(out: str | Path, client_ids: Sequence[str], server_names: Sequence[st
     for cid in client_ids:
         folder = out / "clients" / cid
         identity = Identity.generate()
-        identity.save(folder / "identity.key")
+        identity.save(folder / "identity.key", force=force)
         (folder / "client_id").write_text(cid + "\n")
         (folder / "ca.pem").write_bytes(_pem(ca_cert))
-        _write_leaf(folder / "client.pem", folder / "client.key", ca_key, ca_cert, cid, [], server=False)
+        _write_leaf(folder / "client.pem", folder / "client.key", ca_key, ca_cert, cid, [], server=False,
+                    force=force)
         with allow.open("a") as f:
             f.write(AllowList.line(cid, identity.public_hex))
         created.append(folder)
     return created
 
 
-def create_identity(folder: str | Path, client_id: str) -> str:
+def create_identity(folder: str | Path, client_id: str, *, force: bool = False) -> str:
     """Make only an identity key on the client's own machine; returns the allow-list line to send to the
-    server's operator (the private key never leaves the machine)."""
+    server's operator (the private key never leaves the machine). An existing key is kept unless `force`."""
     folder = Path(folder)
     identity = Identity.generate()
-    identity.save(folder / "identity.key")
+    identity.save(folder / "identity.key", force=force)
     (folder / "client_id").write_text(check_client_id(client_id) + "\n")
     return AllowList.line(client_id, identity.public_hex)
 
 
-def _load_or_create_ca(out: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _load_or_create_ca(out: Path, force: bool) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key_path, cert_path = out / "ca.key", out / "ca.pem"
     if cert_path.exists():
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -109,13 +119,13 @@ def _load_or_create_ca(out: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Cert
                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .sign(key, hashes.SHA256()))
-    write_private(key_path, _key_pem(key))
+    write_private(key_path, _key_pem(key), force=force)
     cert_path.write_bytes(_pem(cert))
     return key, cert
 
 
 def _write_leaf(cert_path: Path, key_path: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
-                common_name: str, names: Sequence[str], *, server: bool) -> None:
+                common_name: str, names: Sequence[str], *, server: bool, force: bool) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -124,7 +134,7 @@ def _write_leaf(cert_path: Path, key_path: Path, ca_key: ec.EllipticCurvePrivate
                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
-    write_private(key_path, _key_pem(key))
+    write_private(key_path, _key_pem(key), force=force)
     cert_path.write_bytes(_pem(builder.sign(ca_key, hashes.SHA256())))
 
 

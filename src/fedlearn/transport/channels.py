@@ -1,6 +1,7 @@
 """gRPC endpoints with fedlearn's settings: TLS (mutual TLS optional) unless explicitly insecure, message
 size limits that force large payloads into chunks, keepalive so dead peers are noticed, and a cap on
-concurrent streams so a flood of connections is refused instead of starving the clients already served."""
+concurrent calls (the sum of `admission.Admission`'s budgets) so that no flood can grow the server's
+threads without bound."""
 from __future__ import annotations
 
 import logging
@@ -83,14 +84,14 @@ def open_channel(address: str, tls: ClientTLS | None) -> grpc.Channel:
 
 
 def start_server(handlers: list[grpc.GenericRpcHandler], address: str, tls: ServerTLS | None,
-                 max_connections: int) -> tuple[grpc.Server, int]:
+                 max_calls: int) -> tuple[grpc.Server, int]:
     """Start serving on `address` (port 0 picks a free port); returns the server and its port.
 
-    Each open client stream holds one worker thread, so the pool has a few more threads than the stream
-    cap: a stream over the cap is refused at once with RESOURCE_EXHAUSTED rather than queued.
+    Each open stream or call holds one worker thread, so the pool has a few more threads than the cap of
+    `max_calls`: a call over the cap is refused at once with RESOURCE_EXHAUSTED rather than queued.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_connections + 4, thread_name_prefix="fedlearn-rpc"),
-                         handlers=handlers, options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_connections)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_calls + 4, thread_name_prefix="fedlearn-rpc"),
+                         handlers=handlers, options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_calls)
     try:
         if tls is None:
             warn_insecure()

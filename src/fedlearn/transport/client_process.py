@@ -19,23 +19,26 @@ from typing import Any
 
 import grpc
 
+from ..audit.receipts import AUDIT_KEY, ReceiptBook, accept_bundle
 from ..client import Client, run_fit
 from ..compression import update_codec
 from ..params import Layout
 from ..messages import ClientSession, Handler, Message, decode_message, encode_message
+from ..params import Layout
 from ..serialize import SerializationError, decode_state, encode_update
 from ..transforms.base import Transform
 from ..types import Config, State, Update
 from . import fedlearn_pb2 as pb
 from .channels import ClientTLS, open_channel, warn_insecure
 from .identity import Identity, check_client_id, hello_message, result_message
-from .wire import CONNECT_METHOD, KIND_NAMES, MAX_TEXT, PROTOCOL, WireError, chunks, collect, decode_config, encode_metrics
+from .wire import (CONNECT_METHOD, KIND_NAMES, MAX_TEXT, PROTOCOL, WireError, chunks, collect, decode_config,
+                   encode_metrics, layout_specs)
 
 log = logging.getLogger(__name__)
 
 MAX_MODEL_BYTES = 1 << 31
 MIN_BACKOFF, MAX_BACKOFF = 0.25, 4.0  # seconds between reconnection attempts
-_REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+_REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class ClientRejected(RuntimeError):
@@ -59,13 +62,14 @@ class Connection:
     can also send what a faulty or hostile client would."""
 
     def __init__(self, channel: grpc.Channel, client_id: str, identity: Identity,
-                 transforms: Sequence[str] = ()) -> None:
+                 transforms: Sequence[str] = (), model: Layout | None = None) -> None:
         self.client_id, self.identity = check_client_id(client_id), identity
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         method = channel.stream_stream(CONNECT_METHOD, request_serializer=None,
                                        response_deserializer=pb.ServerMessage.FromString)
         self._call = method(iter(self._outbox.get, None))
-        self.send(pb.ClientMessage(hello=pb.Hello(protocol=PROTOCOL, client_id=client_id, transforms=transforms)))
+        self.send(pb.ClientMessage(hello=pb.Hello(protocol=PROTOCOL, client_id=client_id, transforms=transforms,
+                                                  model=layout_specs(model) if model is not None else [])))
         challenge = self.expect("challenge").challenge
         self.run_id = challenge.run_id
         signature = identity.sign(hello_message(self.run_id, client_id, challenge.nonce))
@@ -136,6 +140,8 @@ def run_client(
     transforms: Sequence[Transform] = (),
     handlers: Mapping[str, Handler] | None = None,
     retry_for: float = 600.0,
+    receipts: ReceiptBook | None = None,
+    audit_key: str | None = None,
 ) -> str:
     """Serve `client` to the server at `server` (HOST:PORT) until the run is over; returns the server's reason.
 
@@ -143,8 +149,13 @@ def run_client(
     protocols (a protocol's `client_handlers()`), as in simulation. After a lost connection the client
     reconnects with backoff, and gives up with `ConnectionError` after `retry_for` seconds without one.
     A refusal raises `ClientRejected`.
+
+    With `receipts`, the audit receipts the server sends with each fit task are checked (signed by
+    `audit_key`, else the key first seen for the run) and kept there; a bad bundle fails that task with the
+    reason, so the server learns it and the client does not train for a server whose log does not add up.
     """
-    worker = _Worker(client, transforms, dict(handlers or {}))
+    worker = _Worker(client, transforms, dict(handlers or {}), receipts=receipts, audit_key=audit_key)
+    layout = client.model_layout()  # the server refuses a different model at once, naming the parameter
     if tls is None:
         warn_insecure()
     lost_since: float | None = None
@@ -153,7 +164,7 @@ def run_client(
         channel = open_channel(server, tls)
         connection = None
         try:
-            connection = Connection(channel, client.cid, identity, [t.name for t in transforms])
+            connection = Connection(channel, client.cid, identity, [t.name for t in transforms], layout)
             log.info("event=registered client=%s server=%s run=%s", client.cid, server, connection.run_id)
             worker.join(connection.run_id)
             lost_since, backoff = None, MIN_BACKOFF
@@ -163,7 +174,7 @@ def run_client(
         except grpc.RpcError as exc:
             if exc.code() in _REFUSALS:
                 raise ClientRejected(f"the server refused client {client.cid!r}: {exc.details()}") from None
-            reason = f"{exc.code().name}: {exc.details()}"
+            reason = f"{exc.code().name}: {exc.details()}{tls_hint(exc, tls)}"
         except (WireError, SerializationError) as exc:
             reason = f"bad message from the server: {exc}"
         finally:
@@ -179,6 +190,21 @@ def run_client(
         backoff = min(2 * backoff, MAX_BACKOFF)
 
 
+def tls_hint(exc: grpc.RpcError, tls: ClientTLS | None) -> str:
+    """A likely cause of a failed connection that gRPC reports only as a closed socket or a failed handshake:
+    TLS on one side and not on the other."""
+    details = (exc.details() or "").lower()
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    if tls is None and any(s in details for s in ("socket closed", "connection reset", "end of stream", "eof")):
+        return (" (this client connects without TLS (--insecure); a server that uses TLS closes such connections: "
+                "drop --insecure and give --credentials with the server's CA)")
+    if tls is not None and any(s in details for s in ("ssl", "handshake", "tls")):
+        return (" (the TLS handshake failed: the server may run without TLS (--insecure), or its certificate is not "
+                "signed by the CA in this client's credentials)")
+    return ""
+
+
 @dataclass
 class _Worker:
     """Runs one task of any kind with the client's code; `memory` outlives the stages of a protocol (and
@@ -189,6 +215,8 @@ class _Worker:
     handlers: dict[str, Handler]
     memory: dict[str, Any] = field(default_factory=dict)
     run_id: str = ""
+    receipts: ReceiptBook | None = None
+    audit_key: str | None = None
 
     def join(self, run_id: str) -> None:
         """Note the run of a new connection; a different run gets fresh protocol memory."""
@@ -200,6 +228,11 @@ class _Worker:
         start = time.perf_counter()
         if task.header.kind == pb.FIT:
             codec = update_codec(self.transforms, Layout.of(task.state))  # the model's dtype, or compressed
+            bundle = task.config.pop(AUDIT_KEY, None)
+            if bundle is not None and self.receipts is not None:
+                kept = accept_bundle(self.receipts, bundle, self.client.cid, self.audit_key)
+                log.info("event=audit_receipts client=%s round=%d kept=%d head_size=%d", self.client.cid,
+                         task.header.round, len(kept), bundle["head"]["size"])
             result, encode = run_fit(self.client, task.state, task.config, self.transforms), partial(encode_update, codec=codec)
         elif task.header.kind == pb.EVALUATE:
             result, encode = self.client.evaluate(task.state, task.config), encode_metrics

@@ -63,11 +63,11 @@ class Identity:
             raise IdentityError(f"identity key {path} is not an Ed25519 key")
         return cls(key)
 
-    def save(self, path: str | Path) -> None:
-        """Write the private key as PEM, readable by its owner only."""
+    def save(self, path: str | Path, *, force: bool = False) -> None:
+        """Write the private key as PEM, readable by its owner only; an existing key is kept unless `force`."""
         pem = self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption())
-        write_private(Path(path), pem)
+        write_private(Path(path), pem, force=force)
 
     @property
     def public_hex(self) -> str:
@@ -79,10 +79,18 @@ class Identity:
         return self._key.sign(message)
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Create `path` with mode 0600 before any secret byte is written to it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_private(path: Path, data: bytes, *, force: bool = False) -> None:
+    """Create `path` with mode 0600 and write a secret to it. The file must not exist: an existing file (whose
+    mode may let others read what we write) or a symlink (which would write elsewhere) is refused, unless
+    `force`, which first removes it (a symlink itself, never its target)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if force:
+        path.unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise IdentityError(f"{path} already exists; refusing to overwrite a private key "
+                            "(move it away, or pass --force to replace it)") from None
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -146,3 +154,8 @@ def result_message(header: pb.ResultHeader) -> bytes:
                        struct.pack(">Q", header.round), header.nonce, struct.pack(">I", header.kind),
                        struct.pack(">Q", header.payload_bytes), header.payload_sha256,
                        struct.pack(">d", header.train_seconds), header.error.encode())
+
+
+def status_message(client_id: str, timestamp: str, nonce: bytes) -> bytes:
+    """What a client signs to ask for a server's status."""
+    return _transcript(b"fedlearn/status/v1", client_id.encode(), timestamp.encode(), nonce)

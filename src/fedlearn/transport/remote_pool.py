@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..audit.receipts import AUDIT_KEY
 from ..compression import update_codec
 from ..params import Layout
 from ..messages import Message, decode_message, encode_message
@@ -138,7 +139,9 @@ class RemotePool(ClientPool):
     connected it waits at most `proceed_after` seconds more and goes on with those it has. With fewer than
     `min_clients` for `wait_timeout` seconds it raises `NotEnoughClientsError`. While waiting it logs what it
     waits for every `log_every` seconds, and `waiting` says how many are connected of how many wanted.
-    `fit_config` entries are sent with every fit task (the round's own instructions win).
+    `fit_config` entries are sent with every fit task (the round's own instructions win). With `receipts`
+    (client id -> audit bundle, `fedlearn.audit.receipts.ReceiptIssuer.bundle`), each fit task also carries
+    the client's audit receipts under the config key "audit".
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class RemotePool(ClientPool):
         wait_timeout: float = 600.0,
         log_every: float = 10.0,
         fit_config: Config | None = None,
+        receipts: Callable[[str], Config | None] | None = None,
     ) -> None:
         if round_deadline <= 0:
             raise ValueError(f"round_deadline must be positive, got {round_deadline}")
@@ -159,7 +163,7 @@ class RemotePool(ClientPool):
         self.round_deadline, self.min_available, self.wait_timeout = round_deadline, min_available, wait_timeout
         self.min_clients, self.proceed_after, self.log_every = min(min_clients, min_available), proceed_after, log_every
         self.waiting: tuple[int, int] | None = None  # (connected, wanted) while `client_ids` waits
-        self.fit_config = dict(fit_config or {})
+        self.fit_config, self.receipts = dict(fit_config or {}), receipts
         self._cond = threading.Condition()
         self._sessions: dict[str, Session] = {}
         self._pending: dict[bytes, Task] = {}
@@ -215,11 +219,16 @@ class RemotePool(ClientPool):
     def fit(
         self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
     ) -> list[Update | Failure]:
-        bodies = {cid: _Body(_round(c), encode_config({**self.fit_config, **c})) for cid, c in instructions.items()}
+        bodies = {cid: _Body(_round(c), encode_config({**self.fit_config, **c, **self._audit(cid)}))
+                  for cid, c in instructions.items()}
         layout = Layout.of(state)
         limit = RESULT_OVERHEAD + 8 * layout.size  # a float64 delta
         codec = update_codec(transforms, layout)  # the server's choice, never the client's
         return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms], codec=codec).values())
+
+    def _audit(self, cid: str) -> Config:
+        bundle = self.receipts(cid) if self.receipts is not None else None
+        return {AUDIT_KEY: bundle} if bundle is not None else {}
 
     def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
         bodies = {cid: _Body(_round(c), encode_config(c)) for cid, c in instructions.items()}
@@ -234,7 +243,10 @@ class RemotePool(ClientPool):
         deadline: float | None = None,
     ) -> dict[str, Message | Failure]:
         """One stage of a multi-exchange protocol: each client's handler for `message.kind` answers (see
-        `run_client(handlers=...)`). `state` travels along when the stage trains."""
+        `run_client(handlers=...)`). `state` travels along when the stage trains, and then `fit_config` is
+        merged into the stage's fit instructions (`meta["config"]`), as for a plain fit task."""
+        if state is not None:
+            messages = {cid: _with_fit_config(m, self.fit_config) for cid, m in messages.items()}
         bodies = {cid: _Body(_round(m.meta), b"", encode_message(m)) for cid, m in messages.items()}
         limit = max(MAX_REPLY_BYTES, RESULT_OVERHEAD + 16 * (Layout.of(state).size if state is not None else 0))
         return self._dispatch(pb.EXCHANGE, state, bodies, limit, [t.name for t in transforms] if state is not None
@@ -409,3 +421,11 @@ class RemotePool(ClientPool):
         log.info("event=dispatch round=%d kind=%s clients=%d seconds=%.3f bytes_down=%d bytes_up=%d "
                  "max_train_seconds=%.3f", rnd, stats.kind, stats.clients, seconds, stats.bytes_down,
                  stats.bytes_up, stats.max_train_seconds)
+
+
+def _with_fit_config(message: Message, fit_config: Config) -> Message:
+    """`message` with `fit_config` under its fit instructions (the round's own instructions win)."""
+    config = message.meta.get("config")
+    if not fit_config or not isinstance(config, dict):
+        return message
+    return Message(message.kind, message.tensors, {**message.meta, "config": {**fit_config, **config}})

@@ -2,7 +2,8 @@
 the run store so that a server killed at any moment resumes from its last committed round when restarted on
 the same run directory (with the same run id, so reconnecting clients carry on).
 
-`DeploymentServer` is the Python API for any model; `serve_builtin` runs a built-in task from server.toml.
+`DeploymentServer` is the Python API for any model; `serve_app` runs an app (or a built-in task, which is
+an app too) with the run settings of server.toml.
 """
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..app import App
+from ..audit.receipts import ReceiptIssuer
 from ..config import ConfigError, SimulationConfig, load_toml
+from ..dashboard import Dashboard, RunSnapshots
+from ..metrics import MetricAggregation, weighted_mean_metrics
+from ..params import Layout
 from ..privacy import PrivacyConfig, PrivacySetup, build_privacy
 from ..progress import RoundProgress
 from ..server import ClientSampler, RunStore, Server
@@ -24,7 +30,8 @@ from ..server.protocol import RoundProtocol
 from ..server.round_loop import CentralEval
 from ..server.sampling import PoissonSampler
 from ..server.store import RoundRecord
-from ..simulate import SimulationResult, builtin_task, initial_model_state, write_outputs
+from ..simulate import SimulationResult, task_app, write_outputs
+from ..simulation.robustness import robustness_setup
 from ..strategies import Strategy
 from ..transforms.base import Transform
 from ..types import Config, State
@@ -36,7 +43,7 @@ from .service import Service
 
 log = logging.getLogger(__name__)
 
-_PATHS = ("run_dir", "certificate", "private_key", "client_ca", "allow_list")
+_PATHS = ("run_dir", "certificate", "private_key", "client_ca", "allow_list", "audit_key", "operator_token")
 
 
 @dataclass
@@ -47,6 +54,12 @@ class ServerSettings:
     `wait_for_clients` = 0 waits for as many clients as a round samples (1 when sampling a fraction); once
     `min_clients` are connected a round waits at most `proceed_after` seconds for the rest, then goes on with
     the clients it has. `wait_timeout` is how long it waits for `min_clients` before giving up.
+    `max_connections` authenticated clients are served at once; `max_unauthenticated` connections (at most
+    `max_unauthenticated_per_peer` from one address) may take up to `handshake_timeout` seconds to
+    authenticate. `operator_token` holds the SHA-256 of the token `fedlearn status --token` shows.
+    `audit_key` is the Ed25519 key (PEM) that signs the audit log's tree heads (default: one made in the run
+    directory). `dashboard` = "127.0.0.1:PORT" serves the operator's live dashboard there, behind the same
+    operator token.
     """
 
     address: str = "0.0.0.0:8443"
@@ -61,14 +74,21 @@ class ServerSettings:
     wait_timeout: float = 600.0
     proceed_after: float = 30.0
     max_connections: int = 256
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_peer: int = 8
     handshake_timeout: float = 10.0
+    operator_token: str = "certs/operator.token.sha256"
+    audit_key: str = ""
+    dashboard: str = ""
 
     def __post_init__(self) -> None:
         for name in ("round_deadline", "wait_timeout", "handshake_timeout", "proceed_after"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"[server] {name} must be > 0, got {getattr(self, name)}")
-        if self.wait_for_clients < 0 or self.max_connections < 1:
-            raise ConfigError("[server] wait_for_clients must be >= 0 and max_connections >= 1")
+        if self.wait_for_clients < 0 or min(self.max_connections, self.max_unauthenticated,
+                                            self.max_unauthenticated_per_peer) < 1:
+            raise ConfigError("[server] wait_for_clients must be >= 0, and max_connections, max_unauthenticated "
+                              "and max_unauthenticated_per_peer >= 1")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], base_dir: Path = Path(".")) -> "ServerSettings":
@@ -126,6 +146,7 @@ class DeploymentServer:
         protocol: RoundProtocol | None = None,
         sampler: ClientSampler | PoissonSampler | None = None,
         fit_config: Config | None = None,
+        evaluate_metrics: MetricAggregation = weighted_mean_metrics,
         seed: int = 0,
         run_config: dict[str, Any] | None = None,
         resume: bool = False,
@@ -135,24 +156,26 @@ class DeploymentServer:
             fraction = 1.0
         AllowList.load(settings.allow_list)  # fail now, not at the first connection
         self.settings, self.rounds = settings, rounds
-        self.store = RunStore(settings.run_dir)
+        self.store = RunStore(settings.run_dir, audit_key=settings.audit_key or None)
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex
         self.pool = RemotePool(self.run_id, round_deadline=settings.round_deadline,
                                min_available=settings.wait_for_clients or clients_per_round or 1,
                                min_clients=min_clients, proceed_after=settings.proceed_after,
-                               wait_timeout=settings.wait_timeout, fit_config=fit_config)
+                               wait_timeout=settings.wait_timeout, fit_config=fit_config,
+                               receipts=ReceiptIssuer(self.store.audit).bundle)
         if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
             if protocol is not None or sampler is not None or eval_clients:
                 self.store.close()
                 raise ConfigError("asynchronous mode takes no round protocol (secure aggregation), sampler or "
                                   "federated evaluation: clients train whenever they are connected and idle")
             config = run_config or {"asynchronous": asdict(asynchronous), "strategy": type(strategy).__qualname__,
-                                    "rounds": rounds}
+                                    "max_examples": max_examples, "rounds": rounds}
         else:
             self.server: Server | AsyncServer = Server(
                 self.pool, strategy, initial_state, sampler=sampler or ClientSampler(clients_per_round, fraction, seed=seed),
                 min_clients=min_clients, max_examples=max_examples, transforms=transforms, central_eval=central_eval,
-                eval_clients=eval_clients, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol)
+                eval_clients=eval_clients, seed=seed, anomaly_checks=anomaly_checks, protocol=protocol,
+                evaluate_metrics=evaluate_metrics)
             config = run_config or {**self.server.describe(), "rounds": rounds}
         try:
             self.store.bind_config(config, resume=resume)
@@ -165,22 +188,48 @@ class DeploymentServer:
             self.server = AsyncServer(
                 ThreadExecutor(self.pool, self.pool.connected), strategy, initial_state, **asynchronous.server_args(),
                 transforms=transforms, anomaly_checks=anomaly_checks, central_eval=central_eval, store=self.store,
-                seed=seed)
+                seed=seed, max_examples=max_examples)
         else:
             self.server.attach(self.store)
-        self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout)
+        self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout,
+                               max_clients=settings.max_connections, max_unauthenticated=settings.max_unauthenticated,
+                               max_unauthenticated_per_peer=settings.max_unauthenticated_per_peer,
+                               operator_token=settings.operator_token or None,
+                               model_layout=Layout.of(initial_state))
         self.phase = "waiting"
         self._grpc = None
+        self.dashboard: Dashboard | None = None
         self._round_started = time.perf_counter()
 
     def start(self) -> int:
         """Listen for clients; returns the port (useful with port 0)."""
         self._grpc, port = start_server([self.service.handler()], self.settings.address, self.settings.tls(),
-                                        self.settings.max_connections)
+                                        self.service.admission.capacity)
         log.info("event=listening address=%s port=%d run=%s tls=%s mutual_tls=%s resumed_at_round=%d",
                  self.settings.address, port, self.run_id, not self.settings.insecure, bool(self.settings.client_ca),
                  self.server.round)
+        if self.settings.dashboard:
+            if not self.settings.operator_token or not Path(self.settings.operator_token).is_file():
+                raise ConfigError(f"[server] dashboard needs the operator token's digest at operator_token "
+                                  f"({self.settings.operator_token!r}); `fedlearn certs` makes it")
+            host, _, dash_port = self.settings.dashboard.rpartition(":")
+            snapshots = RunSnapshots(self.settings.run_dir)
+            self.dashboard = Dashboard(lambda: {**snapshots(), "live": self.live_status()}, host=host or "127.0.0.1",
+                                       port=int(dash_port),
+                                       token_digest=Path(self.settings.operator_token).read_text().strip())
+            self.dashboard.start()
+            log.info("event=dashboard url=http://%s:%d/?token=OPERATOR_TOKEN", host or "127.0.0.1",
+                     self.dashboard.port)
         return port
+
+    def live_status(self) -> dict[str, Any]:
+        """What only the running server knows, for its dashboard: phase, connected clients, refused results."""
+        reply = self.status()
+        return {"phase": "finished" if self.phase == "finished" else reply.state, "round": reply.round,
+                "total_rounds": reply.total_rounds, "connected_clients": list(reply.connected_clients),
+                "rejected_results": reply.rejected_results,
+                "rejections": [{"client": r.client_id, "round": r.round, "reason": r.reason}
+                               for r in list(self.pool.rejections)[-50:]]}
 
     def run(self, show_progress: bool = False) -> SimulationResult:
         """Run the remaining rounds, tell the clients the run is over, and write the run directory.
@@ -209,6 +258,8 @@ class DeploymentServer:
         """Stop serving (open streams get `grace` seconds to finish) and close the run store."""
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.store.close()
 
     def status(self) -> pb.StatusReply:
@@ -251,27 +302,32 @@ def deployment_privacy(cfg: SimulationConfig, settings: ServerSettings, strategy
     return setup
 
 
-def serve_builtin(cfg: SimulationConfig, settings: ServerSettings, *, show_progress: bool = False, resume: bool = False,
-                  on_listening: Callable[[int], None] | None = None) -> SimulationResult:
-    """Serve a built-in task (data set, model, strategy and robustness settings from `cfg`) until done.
-
-    The [client] settings (local_epochs, batch_size, lr, momentum) are sent with every fit task, so all
-    clients train as configured here. `on_listening(port)` is called once the server listens. A restart on
-    the same run directory with the same configuration resumes the run; with `resume` it may also raise `rounds`.
+def serve_app(cfg: SimulationConfig, settings: ServerSettings, app: App | None = None, *,
+              show_progress: bool = False, resume: bool = False,
+              on_listening: Callable[[int], None] | None = None) -> SimulationResult:
+    """Serve a task until done: `app`, else the one `cfg.app` names ([app] in server.toml, --app), else the
+    built-in task of `cfg` (an ordinary app too). `cfg` supplies the run settings (rounds, sampling,
+    robust aggregation, anomaly checks, privacy); the app's `fit_config` is sent with every fit task, so
+    all clients train as configured here. Clients whose model differs from the app's are refused when
+    they connect, with the first differing parameter. `on_listening(port)` is called once listening.
+    A restart on the same run directory with the same configuration resumes the run; with `resume` it may
+    also raise `rounds`.
     """
     if cfg.attack:
         raise ConfigError("attacks are simulated only; remove the [attack] section from the server config")
-    task = builtin_task(cfg)
-    privacy = deployment_privacy(cfg, settings, task.strategy)
+    app = task_app(cfg, app)
+    population = len(AllowList.load(settings.allow_list).keys)
+    robust = robustness_setup(cfg, app, population)
+    privacy = deployment_privacy(cfg, settings, robust.strategy)
     server = DeploymentServer(
-        initial_model_state(task.model_fn, cfg.seed), task.strategy, rounds=cfg.rounds, settings=settings,
-        clients_per_round=cfg.clients_per_round, fraction=cfg.fraction, min_clients=task.robust.min_clients,
-        eval_clients=cfg.eval_clients, max_examples=cfg.max_examples, central_eval=task.robust.central_eval,
+        app.initial(cfg.seed), robust.strategy, rounds=cfg.rounds, settings=settings,
+        clients_per_round=cfg.clients_per_round, fraction=cfg.fraction, min_clients=robust.min_clients,
+        eval_clients=cfg.eval_clients, max_examples=cfg.max_examples, central_eval=robust.app.central_eval,
+        evaluate_metrics=app.evaluate_metrics,
         # secure aggregation hides individual updates, so the anomaly checks have nothing to screen
-        anomaly_checks=None if privacy.protocol is not None else task.robust.anomaly_checks,
+        anomaly_checks=None if privacy.protocol is not None else robust.anomaly_checks,
         transforms=privacy.transforms, protocol=privacy.protocol, sampler=privacy.sampler,
-        fit_config={k: asdict(cfg)[k] for k in ("local_epochs", "batch_size", "lr", "momentum")},
-        seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
+        fit_config=app.fit_config, seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
     )
     try:
         port = server.start()

@@ -1,21 +1,23 @@
-"""`fedlearn status`: ask a running server for its round, connected clients and last round's metrics."""
+"""`fedlearn status`: ask a running server for its round, connected clients and last round's metrics, with
+credentials (`status_auth.client_metadata` or `status_auth.token_metadata`)."""
 from __future__ import annotations
 
 import json
 
 from . import fedlearn_pb2 as pb
 from .channels import ClientTLS, open_channel, warn_insecure
+from .status_auth import Metadata
 from .wire import STATUS_METHOD
 
 
-def query_status(server: str, tls: ClientTLS | None, timeout: float = 10.0) -> pb.StatusReply:
-    """One Status call to `server` (HOST:PORT)."""
+def query_status(server: str, tls: ClientTLS | None, credentials: Metadata, timeout: float = 10.0) -> pb.StatusReply:
+    """One Status call to `server` (HOST:PORT) with `credentials`."""
     if tls is None:
         warn_insecure()
     with open_channel(server, tls) as channel:
         call = channel.unary_unary(STATUS_METHOD, request_serializer=pb.StatusRequest.SerializeToString,
                                    response_deserializer=pb.StatusReply.FromString)
-        return call(pb.StatusRequest(), timeout=timeout)
+        return call(pb.StatusRequest(), timeout=timeout, metadata=credentials)
 
 
 def status_dict(reply: pb.StatusReply) -> dict:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from ..params import Layout
 from ..serialize import SerializationError, decode_tensors, encode_tensors
 from . import fedlearn_pb2 as pb
 from .identity import CLIENT_ID_PATTERN
@@ -27,6 +28,7 @@ SIGNATURE_BYTES = 64
 DIGEST_BYTES = 32
 MAX_TEXT = 4096
 MAX_TRANSFORMS = 64
+MAX_PARAMETERS = 1 << 16  # entries of a hello's model description
 SERVICE = pb.DESCRIPTOR.services_by_name["FedLearn"].full_name
 CONNECT_METHOD = f"/{SERVICE}/Connect"
 STATUS_METHOD = f"/{SERVICE}/Status"
@@ -59,6 +61,28 @@ def _check_hello(hello: pb.Hello) -> None:
     _check_client_id(hello.client_id)
     if len(hello.transforms) > MAX_TRANSFORMS or any(len(t) > 128 for t in hello.transforms):
         raise WireError("hello lists too many or too long transform names")
+    if len(hello.model) > MAX_PARAMETERS:
+        raise WireError(f"hello describes more than {MAX_PARAMETERS} model parameters")
+    for spec in hello.model:
+        if len(spec.name) > 1024 or len(spec.shape) > 32 or len(spec.dtype) > 16:
+            raise WireError("hello describes a model parameter with too long a name, shape or dtype")
+        try:
+            np.dtype(spec.dtype)
+        except TypeError:
+            raise WireError(f"hello names an unknown dtype {spec.dtype[:16]!r}") from None
+
+
+def layout_of_hello(hello: pb.Hello) -> Layout | None:
+    """The model layout a (checked) hello describes; None when the client sent none."""
+    if not hello.model:
+        return None
+    return Layout(tuple(p.name for p in hello.model), tuple(tuple(int(d) for d in p.shape) for p in hello.model),
+                  tuple(np.dtype(p.dtype).str for p in hello.model))
+
+
+def layout_specs(layout: Layout) -> list[pb.ParameterSpec]:
+    """A model layout as the hello's parameter list."""
+    return [pb.ParameterSpec(name=n, shape=s, dtype=d) for n, s, d in zip(layout.names, layout.shapes, layout.dtypes)]
 
 
 def _check_proof(proof: pb.Proof) -> None:

@@ -112,6 +112,9 @@ function render(state) {
     const clients = live.connected_clients || [];
     $("live").replaceChildren(el("p", {}, `phase ${live.phase}, round ${live.round} of ${live.total_rounds}, ` +
       `${clients.length} connected: ${clients.join(", ") || "none"}, ${live.rejected_results || 0} results rejected`));
+    for (const r of (live.rejections || []).slice().reverse()) {
+      $("live").append(el("p", {class: "kind-rejected"}, `round ${r.round}, client ${r.client}: ${r.reason}`));
+    }
   }
   lineChart($("chart-accuracy"), metricSeries(rounds, ["test_accuracy", "fed_accuracy", "test_backdoor_success"]));
   lineChart($("chart-loss"), metricSeries(rounds, ["train_loss", "test_loss", "fed_loss"]));
@@ -148,7 +151,12 @@ async function poll() {
     if (response.status === 401) throw new Error("operator token required: open this page as /?token=…");
     const state = await response.json();
     if (state.error) throw new Error(state.error);
-    render(state);
+    if (state.waiting) {
+      $("status").textContent = "waiting for the run's first round";
+      $("status").className = "pill";
+    } else {
+      render(state);
+    }
   } catch (err) {
     const status = $("status");
     status.textContent = String(err.message || err);

@@ -1,0 +1,153 @@
+"""Receipts: the server sends each client, with its next fit task, a signed head, inclusion proofs of the
+records naming it and a consistency proof from the head it holds; the client checks and keeps them, and
+refuses a bundle whose record was doctored, whose log was rewritten or shrank, or that another key signed.
+Also the deployment server's own dashboard behind the operator token."""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlearn import FedAvg
+from fedlearn.audit import AuditError, AuditLog, Receipt, ReceiptBook, check_receipt
+from fedlearn.audit.log import load_or_create_key
+from fedlearn.audit.receipts import ReceiptIssuer, accept_bundle
+from fedlearn.audit.verify import verify_run
+from fedlearn.server.store import RunStore
+from fedlearn.transport import DeploymentServer, ServerSettings, certs
+from fedlearn.transport.certs import ClientBundle
+from fedlearn.transport.client_process import run_client
+from fedlearn.types import Failure, new_state
+from transport_support import ConstantClient, wait_for
+
+STATE = new_state({"w": np.zeros(4, np.float32)})
+
+
+def commit(store: RunStore, rnd: int, participants: list[str], failures: list[Failure] = ()) -> None:
+    store.commit_round(rnd, new_state({"w": np.full(4, rnd, np.float32)}), {}, {}, participants, list(failures))
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = RunStore(tmp_path / "run")
+    commit(s, 0, [])
+    yield s
+    s.close()
+
+
+def test_bundles_carry_receipts_and_consistency(store: RunStore, tmp_path: Path) -> None:
+    issuer, book = ReceiptIssuer(store.audit), ReceiptBook(tmp_path / "alice")
+    assert accept_bundle(book, issuer.bundle("alice"), "alice") == []  # round 1's task: nothing to receipt yet
+    commit(store, 1, ["alice", "bob"])
+    commit(store, 2, ["bob"], [Failure("alice", "flagged", "norm outlier")])  # named with its reason, too
+    bundle = issuer.bundle("alice")
+    assert bundle["from_size"] == 1 and bundle["head"]["size"] == 3 and len(bundle["consistency"]) > 0
+    kept = accept_bundle(book, bundle, "alice")
+    assert [json.loads(p.read_text())["record"]["round"] for p in kept] == [1, 2]
+    for path in kept:
+        check_receipt(Receipt.from_json(json.loads(path.read_text())), client_id="alice")
+    commit(store, 3, ["bob"])
+    assert accept_bundle(book, issuer.bundle("alice"), "alice") == []  # not named in round 3
+    assert book.latest_head(store.run_id).size == 4
+
+
+def test_a_doctored_record_is_refused(store: RunStore, tmp_path: Path) -> None:
+    issuer = ReceiptIssuer(store.audit)
+    issuer.bundle("alice")
+    commit(store, 1, ["alice", "bob"])
+    bundle = issuer.bundle("alice")
+    bundle["receipts"][0]["record"]["accepted"]["alice"] = "0" * 64
+    with pytest.raises(AuditError, match="does not lead to the root"):
+        accept_bundle(ReceiptBook(tmp_path / "a"), bundle, "alice")
+    other = issuer.bundle("bob")  # a receipt that does not name the client
+    other["receipts"][0]["record"]["accepted"].pop("alice")
+    with pytest.raises(AuditError):
+        accept_bundle(ReceiptBook(tmp_path / "b"), other, "carol")
+
+
+def test_a_rewritten_or_shrunk_log_is_refused(store: RunStore, tmp_path: Path) -> None:
+    issuer, book = ReceiptIssuer(store.audit), ReceiptBook(tmp_path / "alice")
+    for rnd in (1, 2):
+        commit(store, rnd, ["alice"])
+    accept_bundle(book, issuer.bundle("alice"), "alice")
+    # the operator, holding the key, rewrites round 1 without alice and re-signs a longer log
+    records = [json.loads(bytes(r[2])) for r in store.audit.records()]
+    records[1]["accepted"] = {}
+    store._conn.execute("DELETE FROM audit_leaves")
+    store._conn.execute("DELETE FROM audit_heads")
+    store.audit = AuditLog(store._conn, store.run_id, load_or_create_key(store.run_dir / "audit_key.pem"))
+    for rec in records:
+        store.audit.append(rec["round"], rec)
+    store.audit.append(3, {**records[2], "round": 3})
+    store._conn.commit()
+    with pytest.raises(AuditError, match="does not extend"):
+        accept_bundle(book, ReceiptIssuer(store.audit).bundle("alice") | {"from_size": 3}, "alice")
+    store._conn.execute("DELETE FROM audit_heads WHERE size > 2")
+    store._conn.commit()
+    with pytest.raises(AuditError, match="shrank"):
+        accept_bundle(book, ReceiptIssuer(store.audit).bundle("alice"), "alice")
+
+
+def test_a_head_signed_by_another_key_is_refused(store: RunStore, tmp_path: Path) -> None:
+    issuer, book = ReceiptIssuer(store.audit), ReceiptBook(tmp_path / "alice")
+    accept_bundle(book, issuer.bundle("alice"), "alice")
+    commit(store, 1, ["alice"])
+    store.audit = AuditLog(store._conn, store.run_id, load_or_create_key(tmp_path / "other.pem"))
+    commit(store, 2, ["alice"])
+    with pytest.raises(AuditError, match="signed by key"):
+        accept_bundle(book, ReceiptIssuer(store.audit).bundle("alice"), "alice")  # pinned on first use
+
+
+def test_deployed_clients_keep_receipts_and_the_operator_dashboard_needs_the_token(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    creds = tmp_path / "creds"
+    certs.create(creds, ["0", "1"])
+    rounds = 3
+    settings = ServerSettings(address="127.0.0.1:0", run_dir=str(tmp_path / "run"), certificate=str(creds / "server.pem"),
+                              private_key=str(creds / "server.key"), allow_list=str(creds / "allowlist.txt"),
+                              round_deadline=30, wait_for_clients=2, dashboard="127.0.0.1:0",
+                              operator_token=str(creds / "operator.token.sha256"))
+    server = DeploymentServer(STATE, FedAvg(), rounds=rounds, settings=settings, anomaly_checks=None)
+    port = server.start()
+    threads = []
+    try:
+        for k in ("0", "1"):
+            bundle = ClientBundle.load(creds / "clients" / k)
+            thread = threading.Thread(target=run_client, args=(ConstantClient(k, step=0.1), f"127.0.0.1:{port}"),
+                                      kwargs={"identity": bundle.identity, "tls": bundle.tls,
+                                              "receipts": ReceiptBook(tmp_path / "receipts" / k)}, daemon=True)
+            thread.start()
+            threads.append(thread)
+        base = f"http://127.0.0.1:{server.dashboard.port}/api/state"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base, timeout=10)
+        assert refused.value.code == 401
+        token = (creds / "operator.token").read_text().strip()  # the same token `fedlearn status --token` uses
+        request = urllib.request.Request(base, headers={"Authorization": f"Bearer {token}"})
+        live = wait_for(lambda: json.loads(urllib.request.urlopen(request, timeout=10).read())["live"], 30, "live state")
+        assert live["total_rounds"] == rounds
+        server.run()
+        state = json.loads(urllib.request.urlopen(request, timeout=10).read())
+        assert state["live"]["phase"] == "finished" and len(state["rounds"]) == rounds and state["audit"]["ok"]
+    finally:
+        for thread in threads:
+            thread.join(30)
+        server.stop()
+    run_id = RunStore(tmp_path / "run", readonly=True).run_id
+    for k in ("0", "1"):
+        book = ReceiptBook(tmp_path / "receipts" / k)
+        kept = sorted(book.folder.glob(f"{run_id}-round-*.json"))
+        # round r's record is appended after round r's tasks went out: it rides with round r + 1's task
+        assert [json.loads(p.read_text())["record"]["round"] for p in kept] == list(range(1, rounds))
+        for path in kept:
+            check_receipt(Receipt.from_json(json.loads(path.read_text())), client_id=k,
+                          public_key=(tmp_path / "run" / "audit_public_key.txt").read_text().strip())
+        head = book.latest_head(run_id)
+        assert head.size == rounds  # the head sent with the last task
+        assert verify_run(tmp_path / "run", heads=[head]).ok
