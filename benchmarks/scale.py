@@ -16,9 +16,8 @@ it arrives (flat), the coordinate median keeps every update of the round (growin
 are cheap fakes (each update a constant vector made on demand in this process), so what grows is the
 server's own holding. Each row is a fresh process; "traced" is the peak of tracemalloc (numpy reports its
 buffers to it) during the round above what was allocated before it (the model), "RSS" the process's peak
-resident set. A median row whose estimate (3 n d 8 bytes: the updates, their stack, the median's sorted copy)
-exceeds `--max-gib`
-is not run and says so.
+resident set. A median row whose estimate (3 n d 8 bytes: the updates, their stack, the median's sorted
+copy) exceeds `--max-gib` is not run and says so.
 
     PYTHONPATH=src python benchmarks/scale.py --aggregation
     PYTHONPATH=src python benchmarks/scale.py --aggregation --params 1000000
