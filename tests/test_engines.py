@@ -1,6 +1,7 @@
 """Simulation engines: the vectorised cohort, worker processes and Ray give the sequential pool's results."""
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,41 @@ def test_vectorized_cohort_matches_sequential_pool(strategy):
         assert a.participants == b.participants and a.failures == b.failures
         assert a.metrics["train_loss"] == pytest.approx(b.metrics["train_loss"], rel=1e-5)
     assert any(f.kind == "crash" for r in reference.history.rounds for f in r.failures)
+
+
+def _frozen_body() -> torch.nn.Module:
+    """A pretrained-style model: the first layer frozen (left out of the global state), the rest trained."""
+    torch.manual_seed(7)
+    model = MLP(64, 10, hidden=(16,))
+    model[1].requires_grad_(False)
+    return model
+
+
+def test_vectorized_cohort_trains_an_adapter_only_state_like_the_sequential_pool(caplog):
+    """A global state of the trainable entries only (as a LoRA model federates its adapters and head): the
+    cohort engine batches it, frozen weights taken from the model, and matches the sequential pool."""
+    frozen = _frozen_body()
+    trainable = OrderedDict((k, v) for k, v in state_of(frozen).items() if not k.startswith("1."))
+
+    def run(pool):
+        server = Server(pool, FedAvg(), trainable, sampler=ClientSampler(fraction=0.5, seed=2), seed=4,
+                        anomaly_checks=None)
+        try:
+            server.run(2)
+        finally:
+            pool.close()
+        return server
+
+    def client(cid):
+        return _client(cid, _frozen_body, momentum=0.0, weight_decay=0.0)
+
+    with caplog.at_level(logging.WARNING, logger="fedlearn.simulation.vectorized"):
+        vectorized = run(make_pool("vectorized", client, DATA.client_ids))
+    reference = run(InProcessPool(client, DATA.client_ids))
+    assert not caplog.records                                   # no fall-back: the cohort really was batched
+    assert list(vectorized.state) == ["3.weight", "3.bias"]     # the frozen layer never entered the state
+    relative = np.abs(vectorized.params - reference.params).max() / np.abs(reference.params).max()
+    assert 0 < relative < 1e-5
 
 
 class _Normed(torch.nn.Sequential):
