@@ -39,7 +39,7 @@ def test_an_interrupted_server_does_not_end_the_clients_and_a_restart_resumes_wi
         history, _ = run.finish()
     finally:
         run.kill()
-    assert "connected clients keep reconnecting" in run.log("server")
+    assert "Connected clients keep trying to reconnect" in run.log("server")
     assert "resumed_at_round=" in run.log("server2")
     assert [r.round for r in history] == [1, 2, 3, 4] and all(r.participants == ["0", "1"] for r in history)
     for k in range(2):
