@@ -24,6 +24,10 @@ from ray_cluster import RAY, LocalRayCluster
 HERE = Path(__file__).parent
 
 
+# Every cluster here starts a Ray client server on the same fixed port range (23000+): under pytest-xdist the
+# module's tests share one worker (--dist loadgroup), so two module clusters never race for those ports.
+pytestmark = pytest.mark.xdist_group("ray_cluster")
+
 @pytest.fixture(scope="module")
 def cluster():
     pytest.importorskip("ray")
