@@ -188,13 +188,26 @@ class RayPool(OffloadingPool):
             log.info("ray: %d workers on %d nodes", len(self._live), len(set(self._live.values())))
 
 
+CLIENT_SERVER_TRIES = 3
+
+
 def _connect(ray, address: str | None, num_cpus: int | None) -> None:
     """`ray.init`, with a message saying what to do when the cluster wants a token this process lacks (Ray
     reports a missing or wrong token as an authentication error, or only as a failed connection)."""
     auth_error = getattr(ray.exceptions, "AuthenticationError", ())
     try:
-        ray.init(address=address or None, num_cpus=None if address else num_cpus,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+        for attempt in range(CLIENT_SERVER_TRIES):
+            try:
+                ray.init(address=address or None, num_cpus=None if address else num_cpus,
+                         include_dashboard=False, log_to_driver=False, configure_logging=False)
+                break
+            except ConnectionError as exc:
+                # Ray Client: the head starts a server process for each driver, and on a busy head that start
+                # can fail once; a new connection asks for a new one.
+                if "Starting Ray client server failed" not in str(exc) or attempt + 1 == CLIENT_SERVER_TRIES:
+                    raise
+                log.warning("Ray Client: the head could not start this driver's server (%s); trying again", exc)
+                time.sleep(2.0)
     except auth_error as exc:
         raise RuntimeError(f"the Ray cluster refused this driver's token: {_AUTH_HELP}; Ray said: {exc}") from None
     except ConnectionError as exc:
