@@ -15,6 +15,7 @@ from fedlearn.server.anomaly import AnomalyChecks
 from fedlearn.server.sampling import ClientSampler, PoissonSampler, client_seed
 from fedlearn.strategies import FedAdam, FedAvg, FedAvgM, FedNova, FedProx, Scaffold
 from fedlearn.torch import TorchClient, state_of
+from test_strategies_opt import Point  # the one-point model w whose 'prediction' is w itself
 
 
 def _updates(deltas, weights, extras=None):
@@ -43,15 +44,6 @@ def test_server_lr_must_be_positive(make):
 
 
 # ---------------------------------------------------------------- FedProx's mu reaches the client
-
-class Point(torch.nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(dim, dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w.expand(x.shape[0], -1)
-
 
 A = np.array([1.0, 3.0, 0.5])
 B = np.array([2.0, -1.0, 4.0])
