@@ -171,14 +171,18 @@ def test_ray_pool_on_two_local_cpus_matches_sequential_pool(local_ray):
     np.testing.assert_array_equal(remote.params, reference.params)
 
 
-def test_ray_actors_run_evaluation_and_secure_aggregation_stages(local_ray, tmp_path):
+def test_ray_actors_run_evaluation_secure_aggregation_and_he_stages(local_ray, tmp_path):
+    pytest.importorskip("tenseal")
+    from fedlearn.he import HEClient, HEConfig, HEProtocol, create_keys
     from fedlearn.simulation.ray_pool import RayPool
     from test_worker_stages import DIM, Both, Halve, quantum, recording, stage_calls
 
     n, log_file, halve = 6, tmp_path / "calls", Halve()
     ids = [str(i) for i in range(n)]
     identities = Identities.generate(ids)  # private keys travel to the actors (as raw bytes)
-    handlers = recording(SecAggClient(identities.sign, identities.registry).handlers(), log_file)
+    secret, public = create_keys()  # so does the CKKS secret context
+    handlers = recording({**SecAggClient(identities.sign, identities.registry).handlers(),
+                          **HEClient(secret).handlers()}, log_file)
     pool = RayPool(InProcessPool(Both, ids, handlers=handlers), transforms=[halve])
     try:
         state = OrderedDict(w=np.linspace(-1, 1, DIM))
@@ -187,6 +191,9 @@ def test_ray_actors_run_evaluation_and_secure_aggregation_stages(local_ray, tmp_
                         protocol=SecAggProtocol(SecAggConfig(graph="full"), identities.registry, seed=1),
                         anomaly_checks=None, transforms=[halve])
         server.run(1)
+        encrypted = Server(pool, FedAvg(), zero_state(DIM), sampler=ClientSampler(fraction=1.0),
+                           protocol=HEProtocol(HEConfig(), public), anomaly_checks=None, transforms=[halve])
+        encrypted.run(1)
     finally:
         pool.close()
     assert [r.metrics["score"] for r in evaluated] == pytest.approx(
@@ -194,7 +201,10 @@ def test_ray_actors_run_evaluation_and_secure_aggregation_stages(local_ray, tmp_
     assert os.getpid() not in {r.metrics["pid"] for r in evaluated}
     plain = sum(known_delta(c, DIM) for c in ids) / 2
     assert np.abs(server.protocol.last_sum - plain).max() <= n * quantum(n)
-    pids = {pid for _, _, pid in stage_calls(log_file)}
+    np.testing.assert_allclose(encrypted.params, plain / n, rtol=0, atol=1e-6)  # the plain mean, halved
+    calls = stage_calls(log_file)
+    assert {stage.split("/")[0] for stage, _, _ in calls} == {"secagg", "he"}
+    pids = {pid for _, _, pid in calls}
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
 
 

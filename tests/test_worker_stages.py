@@ -172,3 +172,24 @@ class Both(VectorClient):
         super().__init__(cid, DIM)
 
     evaluate = _Scorer.evaluate
+
+
+def test_homomorphic_encryption_stages_run_in_the_workers(tmp_path):
+    pytest.importorskip("tenseal")
+    from fedlearn.he import HEClient, HEConfig, HEProtocol, create_keys
+
+    secret, public = create_keys()
+    n, log_file = 4, tmp_path / "calls"
+    ids = [str(i) for i in range(n)]
+    handlers = recording(HEClient(secret).handlers(), log_file)
+    pool = ProcessPool(InProcessPool(lambda cid: VectorClient(cid, DIM), ids, handlers=handlers), 2)
+    server = Server(pool, make_strategy("fedavg"), zero_state(DIM), sampler=ClientSampler(fraction=1.0),
+                    protocol=HEProtocol(HEConfig(), public), anomaly_checks=None)
+    try:
+        server.run(1)
+    finally:
+        pool.close()
+    expected = sum(known_delta(c, DIM) for c in ids) / n  # equal example counts: the plain mean
+    assert np.abs(server.params - expected).max() < 1e-6
+    pids = {pid for _, _, pid in stage_calls(log_file)}
+    assert os.getpid() not in pids and len(pids) == 2
