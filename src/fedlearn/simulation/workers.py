@@ -231,10 +231,7 @@ def encode_results(results: Sequence[Update | Failure]) -> bytes:
 
 def decode_results(data: bytes) -> list[Update | Failure]:
     """Inverse of `encode_results`, checking every field before it becomes an `Update` or `Failure`."""
-    tensors, meta = decode_tensors(data)
-    entries = meta.get("results")
-    if meta.get("kind") != "fit-results" or not isinstance(entries, list):
-        raise SerializationError(f"expected fit results, got a message of kind {meta.get('kind')!r}")
+    tensors, entries = _entries(data, "fit-results")
     return [_result(i, entry, tensors) for i, entry in enumerate(entries)]
 
 
@@ -277,10 +274,7 @@ def encode_evaluations(results: Sequence[EvalResult | Failure]) -> bytes:
 
 def decode_evaluations(data: bytes) -> list[EvalResult | Failure]:
     """Inverse of `encode_evaluations`, checking every field."""
-    tensors, meta = decode_tensors(data)
-    entries = meta.get("results")
-    if meta.get("kind") != "eval-results" or not isinstance(entries, list):
-        raise SerializationError(f"expected evaluation results, got a message of kind {meta.get('kind')!r}")
+    tensors, entries = _entries(data, "eval-results")
     results: list[EvalResult | Failure] = []
     for i, entry in enumerate(entries):
         failure = _failure_of(entry)
@@ -352,6 +346,15 @@ def _messages(clients: object, tensors: Mapping[str, np.ndarray]):
                 and all(isinstance(n, str) and f"{i}/{n}" in tensors for n in entry[3])):
             raise SerializationError(f"protocol message {i} is not [client id, kind, meta, tensor names]")
         yield entry[0], Message(entry[1], {n: tensors[f"{i}/{n}"] for n in entry[3]}, entry[2])
+
+
+def _entries(data: bytes, kind: str) -> tuple[dict[str, np.ndarray], list]:
+    """The tensors and the result entries of a worker's message of `kind`."""
+    tensors, meta = decode_tensors(data)
+    entries = meta.get("results")
+    if meta.get("kind") != kind or not isinstance(entries, list):
+        raise SerializationError(f"expected {kind}, got a message of kind {meta.get('kind')!r}")
+    return tensors, entries
 
 
 def _failure_entry(failure: Failure) -> dict:
