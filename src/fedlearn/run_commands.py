@@ -104,13 +104,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 def report_contributions(args: argparse.Namespace, run_dir: Path) -> int:
     """The payout split of a run's contribution ledger."""
     from .contributions.payout import payout_csv, payout_split
+    from .server.async_loop import DRIVER_STATE
     from .server.store import RunStore
 
     store = RunStore(run_dir, readonly=True)
     try:
-        ledger = store.contribution_ledger()
+        ledger, asynchronous = store.contribution_ledger(), store.get_meta(DRIVER_STATE) is not None
     finally:
         store.close()
+    if not ledger and asynchronous:
+        raise ConfigError(f"the run in {run_dir} is asynchronous (FedBuff), which keeps no contribution scores: the "
+                          "updates of one server step were trained on different model versions and enter with "
+                          "staleness weights, so no coalition of them has a value on one model to share out")
     if not ledger:
         raise ConfigError(f"the run in {run_dir} has no contribution scores; run with [contributions] "
                           "(e.g. `fedlearn simulate --contributions gtg,cosine`)")
