@@ -1,6 +1,6 @@
-"""Receipts: the server sends each client, with its next fit task, a signed head, inclusion proofs of the
-records naming it and a consistency proof from the head it holds; the client checks and keeps them, and
-refuses a bundle whose record was doctored, whose log was rewritten or shrank, or that another key signed.
+"""Receipts: the server sends each client, with its next fit task and at the end of the run, a signed head,
+inclusion proofs of the records naming it and a consistency proof from the head it holds; the client checks
+and keeps them, and refuses a bundle whose record was doctored, whose log was rewritten or shrank, or that another key signed.
 Also the deployment server's own dashboard behind the operator token."""
 from __future__ import annotations
 
@@ -143,11 +143,12 @@ def test_deployed_clients_keep_receipts_and_the_operator_dashboard_needs_the_tok
     for k in ("0", "1"):
         book = ReceiptBook(tmp_path / "receipts" / k)
         kept = sorted(book.folder.glob(f"{run_id}-round-*.json"))
-        # round r's record is appended after round r's tasks went out: it rides with round r + 1's task
-        assert [json.loads(p.read_text())["record"]["round"] for p in kept] == list(range(1, rounds))
+        # round r's record is appended after round r's tasks went out: it rides with round r + 1's task, and
+        # the last round's with the message that ends the run
+        assert [json.loads(p.read_text())["record"]["round"] for p in kept] == list(range(1, rounds + 1))
         for path in kept:
             check_receipt(Receipt.from_json(json.loads(path.read_text())), client_id=k,
                           public_key=(tmp_path / "run" / "audit_public_key.txt").read_text().strip())
         head = book.latest_head(run_id)
-        assert head.size == rounds  # the head sent with the last task
+        assert head.size == rounds + 1  # the head of the whole log (round 0 and every round), sent at the end
         assert verify_run(tmp_path / "run", heads=[head]).ok

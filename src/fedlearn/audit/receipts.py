@@ -4,12 +4,14 @@ A receipt is a signed tree head, the round's record and its inclusion proof. `ch
 three (signature, record bytes, Merkle path) and that the client is named in the record; `check_extends`
 verifies a consistency proof between an older head and a newer one, so a client that kept an early
 receipt detects a server that later rewrote or truncated its log. In a deployment the server's
-`ReceiptIssuer` sends them with each fit task and the client's `accept_bundle` checks and keeps them.
+`ReceiptIssuer` sends them with each fit task (or secure aggregation's training stage) and with the message
+that ends the run, and the client's `accept_bundle` checks and keeps them.
 Everything a client receives is parsed as untrusted input.
 """
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,18 +124,23 @@ def load_head(path: str | Path) -> TreeHead:
 
 
 class ReceiptIssuer:
-    """Server side: the audit bundle that goes to a client with its next fit task (under the task config's
-    "audit" key): the newest signed head, a receipt for every record naming the client that it has not been
-    sent yet, and the consistency proof from the head it was sent last time. A record is appended after the
-    round's tasks went out, so the receipt of a client's last round reaches it with its next task (or from
-    `fedlearn audit prove`). After a server restart the first bundle restarts from the last record naming
+    """Server side: the audit bundle that goes to a client with its next fit task or training stage (under
+    the fit config's "audit" key): the newest signed head, a receipt for every record naming the client that
+    it has not been sent yet, and the consistency proof from the head it was sent last time. A record is
+    appended after the round's tasks went out, so the receipt of a client's last round reaches it with its
+    next task, or, after the run's final round, with the message that ends the run. After a server restart the first bundle restarts from the last record naming
     the client, whose task carried the head of that size."""
 
     def __init__(self, log: AuditLog) -> None:
         self.log = log
         self._sent: dict[str, int] = {}
+        self._lock = threading.Lock()  # tasks of one round, and the run's end, are sent from several threads
 
     def bundle(self, client_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._bundle(client_id)
+
+    def _bundle(self, client_id: str) -> dict[str, Any] | None:
         head = self.log.latest_head(self.log.public_key)
         if head is None:
             return None

@@ -171,13 +171,23 @@ def prove(run_dir: str | Path, client_id: str, rnd: int) -> Receipt:
     return receipt
 
 
-def consistency(run_dir: str | Path, old_size: int) -> tuple[TreeHead, list[bytes]]:
-    """The newest head and the proof that the tree of `old_size` records is a prefix of it."""
+def consistency(run_dir: str | Path, old_size: int, new_size: int = 0) -> tuple[TreeHead, list[bytes]]:
+    """The stored head of `new_size` records (0: the newest) and the proof that the tree of `old_size` records
+    is a prefix of it. Sizes the log cannot prove raise `AuditError` saying why."""
     store = RunStore(run_dir, readonly=True)
     try:
-        head = store.audit.latest_head(store.get_meta("audit_public_key") or "")
-        if head is None:
+        key = store.get_meta("audit_public_key") or ""
+        latest = store.audit.latest_head(key)
+        if latest is None:
             raise AuditError(f"the run in {run_dir} has no signed tree head yet")
+        if not 0 <= new_size <= latest.size:
+            raise AuditError(f"the log has {latest.size} records; it has no head of {new_size}")
+        head = store.audit.head(new_size, key) if new_size else latest
+        if head is None:
+            raise AuditError(f"the log has no signed head of exactly {new_size} records")
+        if not 0 <= old_size <= head.size:
+            raise AuditError(f"a head of {old_size} records cannot be a prefix of the head of {head.size}: the log "
+                             "shrank, or that head is not from this log")
         return head, store.audit.consistency(old_size, head.size)
     finally:
         store.close()

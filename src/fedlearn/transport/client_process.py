@@ -19,10 +19,10 @@ from typing import Any
 
 import grpc
 
+from ..audit.log import AuditError
 from ..audit.receipts import AUDIT_KEY, ReceiptBook, accept_bundle
 from ..client import Client, run_fit
 from ..compression import update_codec
-from ..params import Layout
 from ..messages import ClientSession, Handler, Message, decode_message, encode_message
 from ..params import Layout
 from ..serialize import SerializationError, decode_state, encode_update
@@ -75,6 +75,7 @@ class Connection:
         signature = identity.sign(hello_message(self.run_id, client_id, challenge.nonce))
         self.send(pb.ClientMessage(proof=pb.Proof(signature=signature)))
         self.expect("welcome")
+        self.finished: pb.Finished | None = None  # the message that ended the run, once it came
 
     def send(self, message: pb.ClientMessage | bytes) -> int:
         """Queue one message (or raw bytes) for the server; returns its size."""
@@ -92,6 +93,7 @@ class Connection:
         """The next task, or the server's reason (str) when the run is finished."""
         message = next(self._call)
         if message.WhichOneof("body") == "finished":
+            self.finished = message.finished
             return message.finished.reason
         if message.WhichOneof("body") != "task":
             raise WireError(f"expected a task from the server, got {message.WhichOneof('body')}")
@@ -150,9 +152,10 @@ def run_client(
     reconnects with backoff, and gives up with `ConnectionError` after `retry_for` seconds without one.
     A refusal raises `ClientRejected`.
 
-    With `receipts`, the audit receipts the server sends with each fit task are checked (signed by
-    `audit_key`, else the key first seen for the run) and kept there; a bad bundle fails that task with the
-    reason, so the server learns it and the client does not train for a server whose log does not add up.
+    With `receipts`, the audit receipts the server sends with each fit task (or training stage) and with the
+    end of the run are checked (signed by `audit_key`, else the key first seen for the run) and kept there; a
+    bad bundle fails that task with the reason, so the server learns it and the client does not train for a
+    server whose log does not add up; a bad bundle at the end of the run raises `AuditError`.
     """
     worker = _Worker(client, transforms, dict(handlers or {}), receipts=receipts, audit_key=audit_key)
     layout = client.model_layout()  # the server refuses a different model at once, naming the parameter
@@ -228,11 +231,7 @@ class _Worker:
         start = time.perf_counter()
         if task.header.kind == pb.FIT:
             codec = update_codec(self.transforms, Layout.of(task.state))  # the model's dtype, or compressed
-            bundle = task.config.pop(AUDIT_KEY, None)
-            if bundle is not None and self.receipts is not None:
-                kept = accept_bundle(self.receipts, bundle, self.client.cid, self.audit_key)
-                log.info("event=audit_receipts client=%s round=%d kept=%d head_size=%d", self.client.cid,
-                         task.header.round, len(kept), bundle["head"]["size"])
+            self.keep_receipts(task.config, f"round {task.header.round}")
             result, encode = run_fit(self.client, task.state, task.config, self.transforms), partial(encode_update, codec=codec)
         elif task.header.kind == pb.EVALUATE:
             result, encode = self.client.evaluate(task.state, task.config), encode_metrics
@@ -248,7 +247,28 @@ class _Worker:
     def _fit(self, state: State | None, config: Config) -> Update:
         if state is None:
             raise RuntimeError("this protocol stage carried no model to train")
+        self.keep_receipts(config, f"round {config.get('round', '?')}")
         return run_fit(self.client, state, config, self.transforms)
+
+    def keep_receipts(self, config: Config, when: str) -> None:
+        """Take the audit bundle out of a fit config and, keeping receipts, check and keep it; raises
+        `AuditError` (failing the task) when it does not check out."""
+        bundle = config.pop(AUDIT_KEY, None)
+        if bundle is not None and self.receipts is not None:
+            kept = accept_bundle(self.receipts, bundle, self.client.cid, self.audit_key)
+            log.info("event=audit_receipts client=%s at=%r kept=%d head_size=%d", self.client.cid, when, len(kept),
+                     bundle["head"]["size"])
+
+    def final_receipts(self, finished: pb.Finished | None) -> None:
+        """Check and keep the receipts that came with the end of the run (those of the last rounds). A bundle
+        that does not check out raises `AuditError`: the run ended, but its log does not add up."""
+        if finished is None or not finished.audit:
+            return
+        try:
+            config = decode_config(finished.audit)
+        except SerializationError as exc:
+            raise AuditError(f"the audit bundle that ended the run is malformed: {exc}") from None
+        self.keep_receipts(config, "end of run")
 
 
 def _serve(connection: Connection, worker: _Worker) -> str:
@@ -256,6 +276,7 @@ def _serve(connection: Connection, worker: _Worker) -> str:
     while True:
         task = connection.next_task()
         if isinstance(task, str):
+            worker.final_receipts(connection.finished)
             return task
         kind, error, payload, seconds = KIND_NAMES.get(task.header.kind, "?"), "", b"", 0.0
         try:

@@ -140,8 +140,9 @@ class RemotePool(ClientPool):
     `min_clients` for `wait_timeout` seconds it raises `NotEnoughClientsError`. While waiting it logs what it
     waits for every `log_every` seconds, and `waiting` says how many are connected of how many wanted.
     `fit_config` entries are sent with every fit task (the round's own instructions win). With `receipts`
-    (client id -> audit bundle, `fedlearn.audit.receipts.ReceiptIssuer.bundle`), each fit task also carries
-    the client's audit receipts under the config key "audit".
+    (client id -> audit bundle, `fedlearn.audit.receipts.ReceiptIssuer.bundle`), each fit task, and each
+    protocol stage that trains (secure aggregation's masked-input stage), also carries the client's audit
+    receipts under the config key "audit", and so does the message that ends the run (`final_audit`).
     """
 
     def __init__(
@@ -230,6 +231,16 @@ class RemotePool(ClientPool):
         bundle = self.receipts(cid) if self.receipts is not None else None
         return {AUDIT_KEY: bundle} if bundle is not None else {}
 
+    def final_audit(self, cid: str) -> bytes:
+        """What the run's end (`Finished`) carries for client `cid`: its audit bundle as a config message, with
+        the receipts of its last rounds, which no later task carries (empty without an audit log)."""
+        try:
+            audit = self._audit(cid)
+        except Exception as exc:  # noqa: BLE001 - the run is over; a client left without receipts must not crash
+            log.warning("event=final_receipts_failed client=%s reason=%r", cid, f"{type(exc).__name__}: {exc}")
+            return b""
+        return encode_config(audit) if audit else b""
+
     def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
         bodies = {cid: _Body(_round(c), encode_config(c)) for cid, c in instructions.items()}
         return list(self._dispatch(pb.EVALUATE, state, bodies, RESULT_OVERHEAD, None).values())
@@ -243,10 +254,11 @@ class RemotePool(ClientPool):
         deadline: float | None = None,
     ) -> dict[str, Message | Failure]:
         """One stage of a multi-exchange protocol: each client's handler for `message.kind` answers (see
-        `run_client(handlers=...)`). `state` travels along when the stage trains, and then `fit_config` is
-        merged into the stage's fit instructions (`meta["config"]`), as for a plain fit task."""
-        if state is not None:
-            messages = {cid: _with_fit_config(m, self.fit_config) for cid, m in messages.items()}
+        `run_client(handlers=...)`). `state` travels along when the stage trains, and then `fit_config` and the
+        client's audit receipts are merged into the stage's fit instructions (`meta["config"]`), as for a plain
+        fit task."""
+        if state is not None:  # a training stage: its fit instructions carry the receipts, as a fit task's do
+            messages = {cid: _with_fit_config(m, {**self.fit_config, **self._audit(cid)}) for cid, m in messages.items()}
         bodies = {cid: _Body(_round(m.meta), b"", encode_message(m)) for cid, m in messages.items()}
         limit = max(MAX_REPLY_BYTES, RESULT_OVERHEAD + 16 * (Layout.of(state).size if state is not None else 0))
         return self._dispatch(pb.EXCHANGE, state, bodies, limit, [t.name for t in transforms] if state is not None

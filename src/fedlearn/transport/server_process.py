@@ -36,6 +36,7 @@ from ..strategies import Strategy
 from ..transforms.base import Transform
 from ..types import Config, State
 from . import fedlearn_pb2 as pb
+from .audit_rpc import AuditAnswers
 from .channels import ServerTLS, start_server
 from .identity import AllowList
 from .remote_pool import RemotePool
@@ -195,7 +196,8 @@ class DeploymentServer:
                                max_clients=settings.max_connections, max_unauthenticated=settings.max_unauthenticated,
                                max_unauthenticated_per_peer=settings.max_unauthenticated_per_peer,
                                operator_token=settings.operator_token or None,
-                               model_layout=Layout.of(initial_state))
+                               model_layout=Layout.of(initial_state),
+                               audit=AuditAnswers(settings.run_dir, self.run_id, self.store.audit.public_key))
         self.phase = "waiting"
         self._grpc = None
         self.dashboard: Dashboard | None = None
