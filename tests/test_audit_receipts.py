@@ -1,6 +1,7 @@
 """Receipts: the server sends each client, with its next fit task and at the end of the run, a signed head,
 inclusion proofs of the records naming it and a consistency proof from the head it holds; the client checks
-and keeps them, and refuses a bundle whose record was doctored, whose log was rewritten or shrank, or that another key signed.
+and keeps them, and refuses a bundle whose record was doctored, whose log was rewritten or shrank, or that
+another key signed.
 Also the deployment server's own dashboard behind the operator token."""
 from __future__ import annotations
 
