@@ -24,9 +24,10 @@ from fedlearn.transport import fedlearn_pb2 as pb
 from fedlearn.transport.audit_rpc import fetch_consistency
 from fedlearn.transport.certs import ClientBundle
 from fedlearn.transport.channels import open_channel
-from fedlearn.transport.client_process import run_client
+from fedlearn.audit.receipts import AUDIT_KEY
+from fedlearn.transport.client_process import Connection, run_client
 from fedlearn.transport.status_auth import client_metadata
-from fedlearn.transport.wire import AUDIT_METHOD
+from fedlearn.transport.wire import AUDIT_METHOD, decode_config
 from fedlearn.types import new_state
 from test_audit_log import records, rewrite, sql
 from transport_support import ConstantClient, Deployment
@@ -103,6 +104,21 @@ def test_a_client_proves_over_the_network_that_the_log_extends_its_receipt(serve
     head = fetch_consistency(address, bundle.tls, client_metadata("1", bundle.identity), held_head(early),
                              to_size=3, public_key=key)
     assert head.size == 3 and head.public_key == key
+
+
+def test_a_reconnecting_client_gets_its_receipts_from_the_head_it_holds(served, creds) -> None:
+    server, address, run_dir, _ = served
+    bundle = ClientBundle.load(creds / "clients" / "0")
+    for held, rounds in ((2, [2, 3]), (ROUNDS + 1, [])):
+        with open_channel(address, bundle.tls) as channel:
+            connection = Connection(channel, "0", bundle.identity, held=lambda run_id: held)
+            try:
+                assert "is over" in connection.next_task()  # the run is over: it says so at once...
+                audit = decode_config(connection.finished.audit)[AUDIT_KEY]  # ...with receipts from `held` on
+            finally:
+                connection.close()
+        assert audit["from_size"] == held and [r["record"]["round"] for r in audit["receipts"]] == rounds
+        assert audit["head"]["size"] == ROUNDS + 1
 
 
 def signed_head(run_dir: Path, size: int, root: bytes, log_id: str | None = None) -> TreeHead:

@@ -153,3 +153,19 @@ def test_deployed_clients_keep_receipts_and_the_operator_dashboard_needs_the_tok
         head = book.latest_head(run_id)
         assert head.size == rounds + 1  # the head of the whole log (round 0 and every round), sent at the end
         assert verify_run(tmp_path / "run", heads=[head]).ok
+
+
+def test_a_client_that_lost_a_bundle_says_what_it_holds_and_checks_the_next(store: RunStore, tmp_path: Path) -> None:
+    issuer, book = ReceiptIssuer(store.audit), ReceiptBook(tmp_path / "alice")
+    commit(store, 1, ["alice"])
+    accept_bundle(book, issuer.bundle("alice"), "alice")  # alice holds the head of 2 records
+    commit(store, 2, ["alice"])
+    issuer.bundle("alice")  # lost with a connection: alice never saw it
+    commit(store, 3, ["alice"])
+    with pytest.raises(AuditError, match="but this client last saw 2"):
+        accept_bundle(book, issuer.bundle("alice"), "alice")
+    issuer.holds("alice", book.latest_head(store.run_id).size)  # it reconnects, saying it holds 2
+    kept = accept_bundle(book, issuer.bundle("alice"), "alice")
+    assert [json.loads(p.read_text())["record"]["round"] for p in kept] == [2, 3]
+    issuer.holds("alice", 10**9)  # a claim beyond the log is ignored: back to the last record naming alice
+    assert issuer.bundle("alice")["from_size"] == 3

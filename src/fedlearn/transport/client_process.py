@@ -13,7 +13,7 @@ import queue
 import random
 import time
 from functools import partial
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +23,8 @@ from ..audit.log import AuditError
 from ..audit.receipts import AUDIT_KEY, ReceiptBook, accept_bundle
 from ..client import Client, run_fit
 from ..compression import update_codec
-from ..messages import ClientSession, Handler, Message, decode_message, encode_message
 from ..params import Layout
+from ..messages import ClientSession, Handler, Message, decode_message, encode_message
 from ..serialize import SerializationError, decode_state, encode_update
 from ..transforms.base import Transform
 from ..types import Config, State, Update
@@ -62,7 +62,8 @@ class Connection:
     can also send what a faulty or hostile client would."""
 
     def __init__(self, channel: grpc.Channel, client_id: str, identity: Identity,
-                 transforms: Sequence[str] = (), model: Layout | None = None) -> None:
+                 transforms: Sequence[str] = (), model: Layout | None = None,
+                 held: Callable[[str], int] = lambda run_id: 0) -> None:
         self.client_id, self.identity = check_client_id(client_id), identity
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         method = channel.stream_stream(CONNECT_METHOD, request_serializer=None,
@@ -73,7 +74,7 @@ class Connection:
         challenge = self.expect("challenge").challenge
         self.run_id = challenge.run_id
         signature = identity.sign(hello_message(self.run_id, client_id, challenge.nonce))
-        self.send(pb.ClientMessage(proof=pb.Proof(signature=signature)))
+        self.send(pb.ClientMessage(proof=pb.Proof(signature=signature, audit_size=held(self.run_id))))
         self.expect("welcome")
         self.finished: pb.Finished | None = None  # the message that ended the run, once it came
 
@@ -167,7 +168,8 @@ def run_client(
         channel = open_channel(server, tls)
         connection = None
         try:
-            connection = Connection(channel, client.cid, identity, [t.name for t in transforms], layout)
+            connection = Connection(channel, client.cid, identity, [t.name for t in transforms], layout,
+                                    worker.held_size)
             log.info("event=registered client=%s server=%s run=%s", client.cid, server, connection.run_id)
             worker.join(connection.run_id)
             lost_since, backoff = None, MIN_BACKOFF
@@ -258,6 +260,15 @@ class _Worker:
             kept = accept_bundle(self.receipts, bundle, self.client.cid, self.audit_key)
             log.info("event=audit_receipts client=%s at=%r kept=%d head_size=%d", self.client.cid, when, len(kept),
                      bundle["head"]["size"])
+
+    def held_size(self, run_id: str) -> int:
+        """The size of the newest head of run `run_id`'s audit log kept in the receipts (0: none)."""
+        try:
+            head = self.receipts.latest_head(run_id) if self.receipts is not None else None
+        except (AuditError, OSError, ValueError) as exc:
+            log.warning("event=receipts_unreadable client=%s reason=%r", self.client.cid, str(exc))
+            return 0
+        return head.size if head is not None else 0
 
     def final_receipts(self, finished: pb.Finished | None) -> None:
         """Check and keep the receipts that came with the end of the run (those of the last rounds). A bundle

@@ -77,10 +77,12 @@ class Challenge(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class Proof(_message.Message):
-    __slots__ = ("signature",)
+    __slots__ = ("signature", "audit_size")
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_SIZE_FIELD_NUMBER: _ClassVar[int]
     signature: bytes
-    def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
+    audit_size: int
+    def __init__(self, signature: _Optional[bytes] = ..., audit_size: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("run_id", "round")

@@ -163,7 +163,7 @@ class DeploymentServer:
                                min_available=settings.wait_for_clients or clients_per_round or 1,
                                min_clients=min_clients, proceed_after=settings.proceed_after,
                                wait_timeout=settings.wait_timeout, fit_config=fit_config,
-                               receipts=ReceiptIssuer(self.store.audit).bundle)
+                               receipts=ReceiptIssuer(self.store.audit))
         if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
             if protocol is not None or sampler is not None or eval_clients:
                 self.store.close()

@@ -188,7 +188,7 @@ class Service:
             problem = layout_difference(self.model_layout, client_layout, there=f"client {cid!r}'s model")
             if problem is not None:
                 raise ModelMismatch(f"model mismatch: {problem}; client and server must build the same model")
-        return Session(cid, keys[cid], list(hello.transforms), peer, context.cancel)
+        return Session(cid, keys[cid], list(hello.transforms), peer, context.cancel, int(proof.audit_size))
 
     def _serve(self, session: Session, messages: _Counted) -> Iterator[pb.ServerMessage]:
         while True:
