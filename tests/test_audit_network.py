@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import grpc
@@ -25,12 +24,12 @@ from fedlearn.transport.audit_rpc import fetch_consistency
 from fedlearn.transport.certs import ClientBundle
 from fedlearn.transport.channels import open_channel
 from fedlearn.audit.receipts import AUDIT_KEY
-from fedlearn.transport.client_process import Connection, run_client
+from fedlearn.transport.client_process import Connection
 from fedlearn.transport.status_auth import client_metadata
 from fedlearn.transport.wire import AUDIT_METHOD, decode_config
 from fedlearn.types import new_state
 from test_audit_log import records, rewrite, sql
-from transport_support import ConstantClient, Deployment
+from transport_support import Deployment, client_threads
 
 ROUNDS = 3
 STATE = new_state({"w": np.zeros(4, np.float32)})
@@ -56,15 +55,8 @@ def served(creds: Path, tmp_path_factory: pytest.TempPathFactory):
     server = DeploymentServer(STATE, FedAvg(), rounds=ROUNDS, settings=settings(creds, folder / "run"),
                               anomaly_checks=None)
     port = server.start()
-    threads = []
     try:
-        for k in ("0", "1"):
-            bundle = ClientBundle.load(creds / "clients" / k)
-            thread = threading.Thread(target=run_client, args=(ConstantClient(k, step=0.1), f"127.0.0.1:{port}"),
-                                      kwargs={"identity": bundle.identity, "tls": bundle.tls,
-                                              "receipts": ReceiptBook(folder / "receipts" / k)}, daemon=True)
-            thread.start()
-            threads.append(thread)
+        threads = client_threads(creds, port, folder / "receipts")
         server.run()
         for thread in threads:
             thread.join(30)

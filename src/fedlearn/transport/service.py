@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -102,31 +103,30 @@ class Service:
         })
 
     def status(self, request: bytes, context: grpc.ServicerContext) -> pb.StatusReply:
-        try:
-            with self.admission.status_call():
-                reason = self.status_gate.refusal(context.invocation_metadata(), certificate_names(context))
-                if reason is not None:
-                    log.warning("event=status_refused peer=%s reason=%r", context.peer(), reason)
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, STATUS_REFUSED)
-                return self.status_reply()
-        except Busy as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        return self._gated(context, "status", STATUS_REFUSED, self.status_reply)
 
     def audit(self, request: bytes, context: grpc.ServicerContext) -> pb.AuditReply:
         """A consistency proof from the caller's head (see `audit_rpc`); refusals carry their reason."""
+        def answer() -> pb.AuditReply:
+            if self.audit_reply is None:
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server keeps no audit log")
+            try:
+                return self.audit_reply(request)
+            except AuditRefused as exc:
+                log.info("event=audit_request_refused peer=%s reason=%r", context.peer(), str(exc))
+                context.abort(exc.code, str(exc))
+
+        return self._gated(context, "audit", AUDIT_REFUSED, answer)
+
+    def _gated(self, context: grpc.ServicerContext, call: str, refusal: str, answer: Callable[[], Any]) -> Any:
+        """`answer()` for a caller with client or operator credentials, within the budget of such calls."""
         try:
             with self.admission.status_call():
                 reason = self.status_gate.refusal(context.invocation_metadata(), certificate_names(context))
                 if reason is not None:
-                    log.warning("event=audit_refused peer=%s reason=%r", context.peer(), reason)
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, AUDIT_REFUSED)
-                if self.audit_reply is None:
-                    context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server keeps no audit log")
-                try:
-                    return self.audit_reply(request)
-                except AuditRefused as exc:
-                    log.info("event=audit_request_refused peer=%s reason=%r", context.peer(), str(exc))
-                    context.abort(exc.code, str(exc))
+                    log.warning("event=%s_refused peer=%s reason=%r", call, context.peer(), reason)
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+                return answer()
         except Busy as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
