@@ -1,11 +1,11 @@
-"""Receipts: the server sends each client, with its next fit task, a signed head, inclusion proofs of the
-records naming it and a consistency proof from the head it holds; the client checks and keeps them, and
-refuses a bundle whose record was doctored, whose log was rewritten or shrank, or that another key signed.
+"""Receipts: the server sends each client, with its next fit task and at the end of the run, a signed head,
+inclusion proofs of the records naming it and a consistency proof from the head it holds; the client checks
+and keeps them, and refuses a bundle whose record was doctored, whose log was rewritten or shrank, or that
+another key signed.
 Also the deployment server's own dashboard behind the operator token."""
 from __future__ import annotations
 
 import json
-import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -19,10 +19,8 @@ from fedlearn.audit.receipts import ReceiptIssuer, accept_bundle
 from fedlearn.audit.verify import verify_run
 from fedlearn.server.store import RunStore
 from fedlearn.transport import DeploymentServer, ServerSettings, certs
-from fedlearn.transport.certs import ClientBundle
-from fedlearn.transport.client_process import run_client
 from fedlearn.types import Failure, new_state
-from transport_support import ConstantClient, wait_for
+from transport_support import ConstantClient, client_threads, wait_for
 
 STATE = new_state({"w": np.zeros(4, np.float32)})
 
@@ -117,13 +115,7 @@ def test_deployed_clients_keep_receipts_and_the_operator_dashboard_needs_the_tok
     port = server.start()
     threads = []
     try:
-        for k in ("0", "1"):
-            bundle = ClientBundle.load(creds / "clients" / k)
-            thread = threading.Thread(target=run_client, args=(ConstantClient(k, step=0.1), f"127.0.0.1:{port}"),
-                                      kwargs={"identity": bundle.identity, "tls": bundle.tls,
-                                              "receipts": ReceiptBook(tmp_path / "receipts" / k)}, daemon=True)
-            thread.start()
-            threads.append(thread)
+        threads = client_threads(creds, port, tmp_path / "receipts")
         base = f"http://127.0.0.1:{server.dashboard.port}/api/state"
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(base, timeout=10)
@@ -143,11 +135,47 @@ def test_deployed_clients_keep_receipts_and_the_operator_dashboard_needs_the_tok
     for k in ("0", "1"):
         book = ReceiptBook(tmp_path / "receipts" / k)
         kept = sorted(book.folder.glob(f"{run_id}-round-*.json"))
-        # round r's record is appended after round r's tasks went out: it rides with round r + 1's task
-        assert [json.loads(p.read_text())["record"]["round"] for p in kept] == list(range(1, rounds))
+        # round r's record is appended after round r's tasks went out: it rides with round r + 1's task, and
+        # the last round's with the message that ends the run
+        assert [json.loads(p.read_text())["record"]["round"] for p in kept] == list(range(1, rounds + 1))
         for path in kept:
             check_receipt(Receipt.from_json(json.loads(path.read_text())), client_id=k,
                           public_key=(tmp_path / "run" / "audit_public_key.txt").read_text().strip())
         head = book.latest_head(run_id)
-        assert head.size == rounds  # the head sent with the last task
+        assert head.size == rounds + 1  # the head of the whole log (round 0 and every round), sent at the end
         assert verify_run(tmp_path / "run", heads=[head]).ok
+
+
+def test_a_client_that_lost_a_bundle_says_what_it_holds_and_checks_the_next(store: RunStore, tmp_path: Path) -> None:
+    issuer, book = ReceiptIssuer(store.audit), ReceiptBook(tmp_path / "alice")
+    commit(store, 1, ["alice"])
+    accept_bundle(book, issuer.bundle("alice"), "alice")  # alice holds the head of 2 records
+    commit(store, 2, ["alice"])
+    issuer.bundle("alice")  # lost with a connection: alice never saw it
+    commit(store, 3, ["alice"])
+    with pytest.raises(AuditError, match="but this client last saw 2"):
+        accept_bundle(book, issuer.bundle("alice"), "alice")
+    issuer.holds("alice", book.latest_head(store.run_id).size)  # it reconnects, saying it holds 2
+    kept = accept_bundle(book, issuer.bundle("alice"), "alice")
+    assert [json.loads(p.read_text())["record"]["round"] for p in kept] == [2, 3]
+    issuer.holds("alice", 10**9)  # a claim beyond the log is ignored: back to the last record naming alice
+    assert issuer.bundle("alice")["from_size"] == 3
+
+
+def test_a_bad_bundle_at_the_end_of_the_run_is_refused(store: RunStore, tmp_path: Path) -> None:
+    from fedlearn.audit.receipts import AUDIT_KEY
+    from fedlearn.transport import fedlearn_pb2 as pb
+    from fedlearn.transport.client_process import _Worker
+    from fedlearn.transport.wire import encode_config
+
+    issuer = ReceiptIssuer(store.audit)
+    worker = _Worker(client=ConstantClient("alice"), transforms=(), handlers={}, receipts=ReceiptBook(tmp_path / "a"))
+    worker.final_receipts(pb.Finished(reason="over", audit=encode_config({AUDIT_KEY: issuer.bundle("alice")})))
+    commit(store, 1, ["alice"])
+    doctored = issuer.bundle("alice")
+    doctored["receipts"][0]["record"]["accepted"]["alice"] = "0" * 64
+    with pytest.raises(AuditError, match="does not lead to the root"):
+        worker.final_receipts(pb.Finished(reason="over", audit=encode_config({AUDIT_KEY: doctored})))
+    with pytest.raises(AuditError, match="malformed"):
+        worker.final_receipts(pb.Finished(reason="over", audit=b"\x00garbage"))
+    assert worker.receipts.latest_head(store.run_id).size == 1  # nothing of the bad bundles was kept

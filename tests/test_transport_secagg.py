@@ -3,12 +3,15 @@
 after it shared its keys, so the server must reconstruct its mask key from the others' Shamir shares."""
 from __future__ import annotations
 
+import hashlib
+import json
 import signal
 
 import numpy as np
 import pytest
 
-from fedlearn import FedAvg, Layout, Update, simulate
+from fedlearn import FedAvg, Layout, RunStore, Update, simulate
+from fedlearn.audit import Receipt, check_receipt
 from fedlearn.strategies.scaffold import Scaffold
 from fedlearn.config import ConfigError
 from fedlearn.messages import ClientSession, Message, as_bytes
@@ -110,6 +113,21 @@ def test_secure_aggregation_over_grpc_survives_a_client_killed_mid_training(tmp_
     assert 0 < rounds[-1].metrics["train_loss"] < 3  # the cohort mean, from the masked sum
     assert all(0.85 < np.mean(y >= levels) < 0.95 for y in masked)
     assert "round=3 kind=exchange" in (tmp_path / "client0.log").read_text()
+    # receipts as in plain rounds: with its next training stage, or with the end of the run, every client got the
+    # signed head and inclusion proof of each round it took part in, whose record names the hash of the masked
+    # input the server saw from it (float64 little-endian, as the aggregator received it)
+    run_dir = tmp_path / "run"
+    key, run_id = (run_dir / "audit_public_key.txt").read_text().strip(), RunStore(run_dir, readonly=True).run_id
+    masked_hashes = [{cid: hashlib.sha256(np.asarray(reply.tensors["masked"][: layout.size], "<f8").tobytes()).hexdigest()
+                      for cid, reply in replies.items() if isinstance(reply, Message)} for _, replies in seen]
+    for k in range(CLIENTS):
+        kept = sorted((creds / "clients" / str(k) / "receipts").glob(f"{run_id}-round-*.json"))
+        receipts = [Receipt.from_json(json.loads(path.read_text())) for path in kept]
+        # the killed client kept those of rounds 1 and 2, which came with round 3's training stage
+        assert [r.record["round"] for r in receipts] == ([1, 2] if str(k) == KILLED else [1, 2, 3])
+        for receipt in receipts:
+            check_receipt(receipt, client_id=str(k), public_key=key)
+            assert receipt.record["accepted"][str(k)] == masked_hashes[receipt.record["round"] - 1][str(k)]
 
 
 def test_a_deployment_refuses_local_dp_and_strategies_that_upload_extras(tmp_path, creds):

@@ -109,6 +109,24 @@ class ServerThread:
         return None if self._thread.is_alive() else self.outcome.get("result")
 
 
+def client_threads(creds: Path, port: int, receipts: Path, ids: tuple[str, ...] = ("0", "1")) -> list[threading.Thread]:
+    """`run_client` in a daemon thread for each of `ids` (`ConstantClient`, step 0.1), with its credentials from
+    `creds/clients/<id>`, keeping its audit receipts in `receipts/<id>`; already started."""
+    from fedlearn.audit import ReceiptBook
+    from fedlearn.transport.certs import ClientBundle
+    from fedlearn.transport.client_process import run_client
+
+    threads = []
+    for k in ids:
+        bundle = ClientBundle.load(creds / "clients" / k)
+        thread = threading.Thread(target=run_client, args=(ConstantClient(k, step=0.1), f"127.0.0.1:{port}"),
+                                  kwargs={"identity": bundle.identity, "tls": bundle.tls,
+                                          "receipts": ReceiptBook(receipts / k)}, daemon=True)
+        thread.start()
+        threads.append(thread)
+    return threads
+
+
 def mark_and_wait(cid: str, rnd: int, marker_dir: str, delay: float, slow_rounds: str) -> None:
     """Leave a marker file `<cid>-round<rnd>` in `marker_dir` (if given) when training starts, then wait
     `delay` seconds in the rounds listed in `slow_rounds` ("2,3"; every round when empty), so that a test

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError
 
@@ -28,9 +29,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     prove.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     prove.add_argument("--client", required=True, metavar="ID")
     prove.add_argument("--round", type=int, required=True, metavar="R")
-    consistency = steps.add_parser("consistency", help="print the proof that the log extends an earlier head")
-    consistency.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    consistency = steps.add_parser(
+        "consistency", help="prove the log extends an earlier head: from RUN_DIR, or asked of a running server",
+        description="With RUN_DIR: print the proof that the log extends the head. With --server: ask the running "
+                    "server for that proof (signed with --credentials, or with the operator --token) and check it "
+                    "against the head's key (or --key); exit 1 if the server's log was rewritten or truncated.")
+    consistency.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR")
     consistency.add_argument("--head", type=Path, required=True, metavar="FILE", help="the earlier head or receipt")
+    consistency.add_argument("--server", metavar="HOST:PORT", help="ask this running server instead of reading RUN_DIR")
+    consistency.add_argument("--to-size", type=int, default=0, metavar="N",
+                             help="prove up to the server's head of N records (default: its newest)")
+    consistency.add_argument("--key", metavar="HEX|FILE", help="the server's audit public key (default: the head's)")
+    from .transport.commands import add_call_arguments
+
+    add_call_arguments(consistency)
 
     report = sub.add_parser("report", help="summary of runs: `report RUN_DIR [RUN_DIR ...]` (side by side), "
                                            "`report contributions RUN_DIR`",
@@ -69,7 +81,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.audit_command == "prove":
         print(json.dumps(prove(args.run_dir, args.client, args.round).to_json(), indent=1))
         return 0
+    if args.audit_command == "consistency" and args.server:
+        return _remote_consistency(args, load_head(args.head))
     if args.audit_command == "consistency":
+        if args.run_dir is None:
+            raise ConfigError("audit consistency needs RUN_DIR, or --server HOST:PORT to ask a running server")
         old = load_head(args.head)
         head, proof = consistency(args.run_dir, old.size)
         print(json.dumps({"old": old.to_json(), "head": head.to_json(), "proof": [p.hex() for p in proof]}, indent=1))
@@ -90,6 +106,28 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _remote_consistency(args: argparse.Namespace, held: Any) -> int:
+    """`audit consistency --server`: the server's proof that its log extends `held`, checked here."""
+    from .audit.log import AuditError
+    from .transport.audit_rpc import fetch_consistency
+    from .transport.commands import call_credentials
+
+    if args.run_dir is not None:
+        raise ConfigError("give RUN_DIR or --server, not both")
+    if args.to_size < 0:
+        raise ConfigError(f"--to-size must be a number of records, got {args.to_size}")
+    tls, credentials = call_credentials(args, "audit consistency --server")
+    try:
+        head = fetch_consistency(args.server, tls, credentials, held, to_size=args.to_size,
+                                 public_key=_public_key(args.key))
+    except AuditError as exc:
+        print(f"FAIL: {exc}")
+        return 1
+    print(json.dumps({"ok": True, "old": held.to_json(), "head": head.to_json()}, indent=1))
+    print(f"OK: {args.server}'s log of {head.size} records extends the held head of {held.size}", file=sys.stderr)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     if args.runs[0] != "contributions":
         from .run_summary import report_text
@@ -104,13 +142,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 def report_contributions(args: argparse.Namespace, run_dir: Path) -> int:
     """The payout split of a run's contribution ledger."""
     from .contributions.payout import payout_csv, payout_split
+    from .server.async_loop import DRIVER_STATE
     from .server.store import RunStore
 
     store = RunStore(run_dir, readonly=True)
     try:
-        ledger = store.contribution_ledger()
+        ledger, asynchronous = store.contribution_ledger(), store.get_meta(DRIVER_STATE) is not None
     finally:
         store.close()
+    if not ledger and asynchronous:
+        raise ConfigError(f"the run in {run_dir} is asynchronous (FedBuff), which keeps no contribution scores: the "
+                          "updates of one server step were trained on different model versions and enter with "
+                          "staleness weights, so no coalition of them has a value on one model to share out")
     if not ledger:
         raise ConfigError(f"the run in {run_dir} has no contribution scores; run with [contributions] "
                           "(e.g. `fedlearn simulate --contributions gtg,cosine`)")

@@ -172,6 +172,15 @@ class AuditLog:
     def latest_head(self, public_key: str) -> TreeHead | None:
         row = self._conn.execute(
             "SELECT size, root, timestamp_ms, signature FROM audit_heads ORDER BY size DESC LIMIT 1").fetchone()
+        return self._head(row, public_key)
+
+    def head(self, size: int, public_key: str) -> TreeHead | None:
+        """The stored head of `size` records, if there is one."""
+        row = self._conn.execute("SELECT size, root, timestamp_ms, signature FROM audit_heads WHERE size = ?",
+                                 (size,)).fetchone()
+        return self._head(row, public_key)
+
+    def _head(self, row: tuple | None, public_key: str) -> TreeHead | None:
         return None if row is None else TreeHead(self.log_id, row[0], bytes(row[1]).hex(), row[2], public_key,
                                                  bytes(row[3]).hex())
 
@@ -185,4 +194,5 @@ class AuditLog:
         return merkle.inclusion_proof(index, self.leaf_hashes()[:size])
 
     def consistency(self, old_size: int, size: int) -> list[bytes]:
-        return merkle.consistency_proof(old_size, self.leaf_hashes()[:size])
+        """The proof that the first `old_size` records are a prefix of the first `size` (empty from the empty tree)."""
+        return merkle.consistency_proof(old_size, self.leaf_hashes()[:size]) if old_size else []

@@ -4,12 +4,14 @@ A receipt is a signed tree head, the round's record and its inclusion proof. `ch
 three (signature, record bytes, Merkle path) and that the client is named in the record; `check_extends`
 verifies a consistency proof between an older head and a newer one, so a client that kept an early
 receipt detects a server that later rewrote or truncated its log. In a deployment the server's
-`ReceiptIssuer` sends them with each fit task and the client's `accept_bundle` checks and keeps them.
+`ReceiptIssuer` sends them with each fit task (or secure aggregation's training stage) and with the message
+that ends the run, and the client's `accept_bundle` checks and keeps them.
 Everything a client receives is parsed as untrusted input.
 """
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,24 +124,39 @@ def load_head(path: str | Path) -> TreeHead:
 
 
 class ReceiptIssuer:
-    """Server side: the audit bundle that goes to a client with its next fit task (under the task config's
-    "audit" key): the newest signed head, a receipt for every record naming the client that it has not been
-    sent yet, and the consistency proof from the head it was sent last time. A record is appended after the
-    round's tasks went out, so the receipt of a client's last round reaches it with its next task (or from
-    `fedlearn audit prove`). After a server restart the first bundle restarts from the last record naming
-    the client, whose task carried the head of that size."""
+    """Server side: the audit bundle that goes to a client with its next fit task or training stage (under
+    the fit config's "audit" key): the newest signed head, a receipt for every record naming the client that
+    it has not been sent yet, and the consistency proof from the head it was sent last time, or from the head
+    it said it holds when it connected (`holds`). A record is appended after the round's tasks went out, so
+    the receipt of a client's last round reaches it with its next task, or, after the run's final round, with
+    the message that ends the run. A client that said nothing starts from the last record naming it, whose
+    task carried the head of that size."""
 
     def __init__(self, log: AuditLog) -> None:
         self.log = log
         self._sent: dict[str, int] = {}
+        self._lock = threading.Lock()  # tasks of one round, and the run's end, are sent from several threads
 
     def bundle(self, client_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._bundle(client_id)
+
+    def holds(self, client_id: str, size: int) -> None:
+        """The client says (when it connects) that the newest head it holds has `size` records: its next bundle
+        proves consistency from there, so a bundle lost with a connection does not leave it unable to check the
+        next. A size larger than the log is ignored when the bundle is made (a client can only mislead itself)."""
+        with self._lock:
+            self._sent[client_id] = size
+
+    def _bundle(self, client_id: str) -> dict[str, Any] | None:
         head = self.log.latest_head(self.log.public_key)
         if head is None:
             return None
         records = [(idx, json.loads(bytes(data))) for idx, _, data in self.log.records()[:head.size]]
         named = [(idx, record) for idx, record in records if names(record, client_id)]
-        since = self._sent.get(client_id, named[-1][0] if named else 0)
+        since = self._sent.get(client_id, -1)
+        if not 0 <= since <= head.size:
+            since = named[-1][0] if named else 0
         receipts = [Receipt(head, idx, record, self.log.inclusion(idx, head.size)).to_json()
                     for idx, record in named if idx >= since]
         proof = self.log.consistency(since, head.size) if 0 < since < head.size else []

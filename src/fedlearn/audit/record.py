@@ -20,6 +20,15 @@ def update_digest(update: Update) -> str:
     return digest(vector.astype(vector.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
+def update_hashes(updates: list[Update]) -> dict[str, str]:
+    """Client id -> the hash of its accepted update. A client with several updates in one asynchronous
+    server step (a fast client under FedBuff) gets their hashes comma-separated, in the order they were taken."""
+    out: dict[str, list[str]] = {}
+    for update in updates:
+        out.setdefault(update.client_id, []).append(update_digest(update))
+    return {cid: ",".join(hashes) for cid, hashes in out.items()}
+
+
 def round_record(*, log_id: str, rnd: int, model_before: str | None, model_after: str, config: str,
                  accepted: dict[str, str], failures: list[Failure], epsilon: float | None, version: str,
                  contributions: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:

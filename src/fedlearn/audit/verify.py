@@ -5,14 +5,16 @@ Verification reads every record and checks, in order: leaf indices run 0..n-1 (a
 gap); each record is canonical JSON of this log, for the round its row says (an edited record); rounds
 increase (a reordered log); each record's `model_before` is the previous `model_after` and its
 `model_after` is the hash of the model the store holds for that round, its accepted clients the round's
-participants (an edited round); every round in the store has a record; every stored head is signed by the
-run's key and its root is the root of the first `size` records, and the newest head covers all records (a
+participants, each as many times as it has update hashes (an edited round or asynchronous step); every round
+in the store has a record; every stored head is signed by the run's key and its root is the root of the
+first `size` records, and the newest head covers all records (a
 truncated or rewritten log); heads held elsewhere (`--head`, e.g. a client's receipt) are signed and
 extended by the log through a consistency proof (a log rewritten after that head was handed out).
 """
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +89,7 @@ def _verify(store: RunStore, external: list[TreeHead], pinned: str | None) -> Ve
         else:
             if stored[0] != record.get("model_after"):
                 problems.append(f"the model stored for round {record['round']} is not the one its record hashes")
-            if sorted(stored[1]) != sorted(record.get("accepted") or {}):
+            if Counter(stored[1]) != _accepted_counts(record.get("accepted")):
                 problems.append(f"the participants stored for round {record['round']} differ from its record")
         previous = record
     for rnd in sorted(stored_rounds):
@@ -110,6 +112,14 @@ def _verify(store: RunStore, external: list[TreeHead], pinned: str | None) -> Ve
             continue
         _check_head(head, key, hashes, roots, problems, "given head")
     return out
+
+
+def _accepted_counts(accepted: Any) -> Counter:
+    """How many updates each accepted client gave: one per round, possibly several per asynchronous step (their
+    hashes comma-separated)."""
+    if not isinstance(accepted, dict):
+        return Counter()
+    return Counter({cid: len(str(hashes).split(",")) for cid, hashes in accepted.items()})
 
 
 def _parse(data: bytes, position: int, problems: list[str]) -> dict[str, Any] | None:
@@ -161,13 +171,23 @@ def prove(run_dir: str | Path, client_id: str, rnd: int) -> Receipt:
     return receipt
 
 
-def consistency(run_dir: str | Path, old_size: int) -> tuple[TreeHead, list[bytes]]:
-    """The newest head and the proof that the tree of `old_size` records is a prefix of it."""
+def consistency(run_dir: str | Path, old_size: int, new_size: int = 0) -> tuple[TreeHead, list[bytes]]:
+    """The stored head of `new_size` records (0: the newest) and the proof that the tree of `old_size` records
+    is a prefix of it. Sizes the log cannot prove raise `AuditError` saying why."""
     store = RunStore(run_dir, readonly=True)
     try:
-        head = store.audit.latest_head(store.get_meta("audit_public_key") or "")
-        if head is None:
+        key = store.get_meta("audit_public_key") or ""
+        latest = store.audit.latest_head(key)
+        if latest is None:
             raise AuditError(f"the run in {run_dir} has no signed tree head yet")
+        if not 0 <= new_size <= latest.size:
+            raise AuditError(f"the log has {latest.size} records; it has no head of {new_size}")
+        head = store.audit.head(new_size, key) if new_size else latest
+        if head is None:
+            raise AuditError(f"the log has no signed head of exactly {new_size} records")
+        if not 0 <= old_size <= head.size:
+            raise AuditError(f"a head of {old_size} records cannot be a prefix of the head of {head.size}: the log "
+                             "shrank, or that head is not from this log")
         return head, store.audit.consistency(old_size, head.size)
     finally:
         store.close()

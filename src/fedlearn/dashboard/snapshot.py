@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..audit.verify import verify_run
+from ..server.async_loop import DRIVER_STATE
 from ..server.store import RunStore
 
 MAX_FAILURE_ROWS = 500  # newest first; a long run's full history stays in the store
@@ -82,7 +83,11 @@ def _read(store: RunStore) -> dict[str, Any]:
     privacy = config.get("privacy", {}) if isinstance(config, dict) else {}
     budget = privacy.get("epsilon_budget") or privacy.get("target_epsilon")
     ledger = store.contribution_ledger()
+    asynchronous = store.get_meta(DRIVER_STATE) is not None
     return {
+        "mode": "asynchronous" if asynchronous else "synchronous",  # asynchronous: each "round" is a server step
+        "contributions_note": ("asynchronous run (FedBuff): a server step's updates were trained on different model "
+                               "versions, so no contribution scores are kept" if asynchronous else None),
         "run_id": store.get_meta("run_id", ""),
         "config": {k: config.get(k) for k in ("dataset", "strategy", "rounds", "num_clients", "clients_per_round",
                                               "aggregator", "attack") if isinstance(config, dict)},

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..audit.record import update_hashes
 from ..params import Layout
 from ..strategies.base import Strategy
 from ..transforms.base import StopRun, Transform
@@ -33,7 +34,7 @@ from .anomaly import AnomalyChecks
 from .pool import ClientPool
 from .round_loop import CentralEval, History, RoundCallback, RoundFailedError
 from .sampling import client_seed
-from .store import RoundRecord, RunStore
+from .store import RoundEvidence, RoundRecord, RunStore
 from .validate import MAX_COUNT, capped, usable_problem
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ class AsyncServer:
             updates, flagged = self.anomaly_checks.screen(updates, self.layout.size)
             failures += flagged
         used = [staleness.get(id(u), 0) for u in updates]
+        evidence = RoundEvidence(update_hashes(updates))  # as received, before the staleness weight
         if updates:
             weighted = [_scaled(u, self.weight(s)) for u, s in zip(updates, used)]
             self.strategy.begin_round(step, self.params)
@@ -285,7 +287,7 @@ class AsyncServer:
         record = RoundRecord(step, metrics, [u.client_id for u in updates], failures)
         if self.store is not None:
             self.store.commit_round(step, self.state, self.strategy.state_dict(), metrics, record.participants,
-                                    failures, meta={DRIVER_STATE: self._driver_state()})
+                                    failures, meta={DRIVER_STATE: self._driver_state()}, evidence=evidence)
         self.history.rounds.append(record)
         return record
 

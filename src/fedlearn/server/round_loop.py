@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..audit.record import update_digest
+from ..audit.record import update_digest, update_hashes
 from ..contributions.accounting import ContributionAccounting
 from ..metrics import MetricAggregation, weighted_mean_metrics
 from ..params import Layout
@@ -243,8 +243,7 @@ class Server:
             for f in failures:
                 log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
             if len(updates) >= self.min_clients:
-                evidence.update_hashes = hashes if running is not None else {u.client_id: update_digest(u)
-                                                                             for u in updates}
+                evidence.update_hashes = hashes if running is not None else update_hashes(updates)
                 if self.contributions is not None:
                     evidence.contributions = self.contributions.score(self.layout, self.params, updates, rnd)
                 self.strategy.begin_round(rnd, self.params)

@@ -13,18 +13,18 @@ import queue
 import random
 import time
 from functools import partial
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from ..audit.log import AuditError
 from ..audit.receipts import AUDIT_KEY, ReceiptBook, accept_bundle
 from ..client import Client, run_fit
 from ..compression import update_codec
 from ..params import Layout
 from ..messages import ClientSession, Handler, Message, decode_message, encode_message
-from ..params import Layout
 from ..serialize import SerializationError, decode_state, encode_update
 from ..transforms.base import Transform
 from ..types import Config, State, Update
@@ -62,7 +62,8 @@ class Connection:
     can also send what a faulty or hostile client would."""
 
     def __init__(self, channel: grpc.Channel, client_id: str, identity: Identity,
-                 transforms: Sequence[str] = (), model: Layout | None = None) -> None:
+                 transforms: Sequence[str] = (), model: Layout | None = None,
+                 held: Callable[[str], int] = lambda run_id: 0) -> None:
         self.client_id, self.identity = check_client_id(client_id), identity
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         method = channel.stream_stream(CONNECT_METHOD, request_serializer=None,
@@ -73,8 +74,9 @@ class Connection:
         challenge = self.expect("challenge").challenge
         self.run_id = challenge.run_id
         signature = identity.sign(hello_message(self.run_id, client_id, challenge.nonce))
-        self.send(pb.ClientMessage(proof=pb.Proof(signature=signature)))
+        self.send(pb.ClientMessage(proof=pb.Proof(signature=signature, audit_size=held(self.run_id))))
         self.expect("welcome")
+        self.finished: pb.Finished | None = None  # the message that ended the run, once it came
 
     def send(self, message: pb.ClientMessage | bytes) -> int:
         """Queue one message (or raw bytes) for the server; returns its size."""
@@ -92,6 +94,7 @@ class Connection:
         """The next task, or the server's reason (str) when the run is finished."""
         message = next(self._call)
         if message.WhichOneof("body") == "finished":
+            self.finished = message.finished
             return message.finished.reason
         if message.WhichOneof("body") != "task":
             raise WireError(f"expected a task from the server, got {message.WhichOneof('body')}")
@@ -150,9 +153,10 @@ def run_client(
     reconnects with backoff, and gives up with `ConnectionError` after `retry_for` seconds without one.
     A refusal raises `ClientRejected`.
 
-    With `receipts`, the audit receipts the server sends with each fit task are checked (signed by
-    `audit_key`, else the key first seen for the run) and kept there; a bad bundle fails that task with the
-    reason, so the server learns it and the client does not train for a server whose log does not add up.
+    With `receipts`, the audit receipts the server sends with each fit task (or training stage) and with the
+    end of the run are checked (signed by `audit_key`, else the key first seen for the run) and kept there; a
+    bad bundle fails that task with the reason, so the server learns it and the client does not train for a
+    server whose log does not add up; a bad bundle at the end of the run raises `AuditError`.
     """
     worker = _Worker(client, transforms, dict(handlers or {}), receipts=receipts, audit_key=audit_key)
     layout = client.model_layout()  # the server refuses a different model at once, naming the parameter
@@ -164,7 +168,8 @@ def run_client(
         channel = open_channel(server, tls)
         connection = None
         try:
-            connection = Connection(channel, client.cid, identity, [t.name for t in transforms], layout)
+            connection = Connection(channel, client.cid, identity, [t.name for t in transforms], layout,
+                                    worker.held_size)
             log.info("event=registered client=%s server=%s run=%s", client.cid, server, connection.run_id)
             worker.join(connection.run_id)
             lost_since, backoff = None, MIN_BACKOFF
@@ -228,11 +233,7 @@ class _Worker:
         start = time.perf_counter()
         if task.header.kind == pb.FIT:
             codec = update_codec(self.transforms, Layout.of(task.state))  # the model's dtype, or compressed
-            bundle = task.config.pop(AUDIT_KEY, None)
-            if bundle is not None and self.receipts is not None:
-                kept = accept_bundle(self.receipts, bundle, self.client.cid, self.audit_key)
-                log.info("event=audit_receipts client=%s round=%d kept=%d head_size=%d", self.client.cid,
-                         task.header.round, len(kept), bundle["head"]["size"])
+            self.keep_receipts(task.config, f"round {task.header.round}")
             result, encode = run_fit(self.client, task.state, task.config, self.transforms), partial(encode_update, codec=codec)
         elif task.header.kind == pb.EVALUATE:
             result, encode = self.client.evaluate(task.state, task.config), encode_metrics
@@ -248,7 +249,37 @@ class _Worker:
     def _fit(self, state: State | None, config: Config) -> Update:
         if state is None:
             raise RuntimeError("this protocol stage carried no model to train")
+        self.keep_receipts(config, f"round {config.get('round', '?')}")
         return run_fit(self.client, state, config, self.transforms)
+
+    def keep_receipts(self, config: Config, when: str) -> None:
+        """Take the audit bundle out of a fit config and, keeping receipts, check and keep it; raises
+        `AuditError` (failing the task) when it does not check out."""
+        bundle = config.pop(AUDIT_KEY, None)
+        if bundle is not None and self.receipts is not None:
+            kept = accept_bundle(self.receipts, bundle, self.client.cid, self.audit_key)
+            log.info("event=audit_receipts client=%s at=%r kept=%d head_size=%d", self.client.cid, when, len(kept),
+                     bundle["head"]["size"])
+
+    def held_size(self, run_id: str) -> int:
+        """The size of the newest head of run `run_id`'s audit log kept in the receipts (0: none)."""
+        try:
+            head = self.receipts.latest_head(run_id) if self.receipts is not None else None
+        except (AuditError, OSError, ValueError) as exc:
+            log.warning("event=receipts_unreadable client=%s reason=%r", self.client.cid, str(exc))
+            return 0
+        return head.size if head is not None else 0
+
+    def final_receipts(self, finished: pb.Finished | None) -> None:
+        """Check and keep the receipts that came with the end of the run (those of the last rounds). A bundle
+        that does not check out raises `AuditError`: the run ended, but its log does not add up."""
+        if finished is None or not finished.audit:
+            return
+        try:
+            config = decode_config(finished.audit)
+        except SerializationError as exc:
+            raise AuditError(f"the audit bundle that ended the run is malformed: {exc}") from None
+        self.keep_receipts(config, "end of run")
 
 
 def _serve(connection: Connection, worker: _Worker) -> str:
@@ -256,6 +287,7 @@ def _serve(connection: Connection, worker: _Worker) -> str:
     while True:
         task = connection.next_task()
         if isinstance(task, str):
+            worker.final_receipts(connection.finished)
             return task
         kind, error, payload, seconds = KIND_NAMES.get(task.header.kind, "?"), "", b"", 0.0
         try:

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 from pathlib import Path
 
 from ..config import ConfigError
@@ -101,12 +102,7 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
                             description="Needs credentials: a registered client's folder (--credentials), or the "
                                         "operator token from `fedlearn certs` (--token, with --ca).")
     status.add_argument("--server", required=True, help="server address HOST:PORT")
-    status.add_argument("--ca", type=Path, help="CA certificate that signed the server's (default: from --credentials)")
-    status.add_argument("--credentials", type=Path,
-                        help="a client folder: its identity signs the request (its CA and, with mutual TLS, its "
-                             "certificate are used too)")
-    status.add_argument("--token", type=Path, metavar="FILE", help="the operator token file (certs/operator.token)")
-    status.add_argument("--insecure", action="store_true", help="no TLS")
+    add_call_arguments(status)
     status.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -205,6 +201,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     from .certs import ClientBundle
     from .client_factory import builtin_client, user_client
     from ..privacy.central import CentralDPClient
+    from ..audit.log import AuditError
     from ..audit.receipts import ReceiptBook
     from .client_process import ClientRejected, run_client
     from ..secagg.protocol import ClientPolicy
@@ -238,6 +235,10 @@ def cmd_client(args: argparse.Namespace) -> int:
                             audit_key=args.audit_key)
     except (ClientRejected, ConnectionError) as exc:
         print(f"fedlearn: error: {exc}", file=sys.stderr)
+        return 1
+    except AuditError as exc:
+        print(f"fedlearn: error: the run ended, but the server's audit receipts do not check out: {exc}",
+              file=sys.stderr)
         return 1
     print(f"done: {reason}")
     return 0
@@ -275,12 +276,20 @@ def cmd_he_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    import grpc
+def add_call_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a call to a running server with client or operator credentials (`call_credentials`)."""
+    parser.add_argument("--ca", type=Path, help="CA certificate that signed the server's (default: from --credentials)")
+    parser.add_argument("--credentials", type=Path,
+                        help="a client folder: its identity signs the request (its CA and, with mutual TLS, its "
+                             "certificate are used too)")
+    parser.add_argument("--token", type=Path, metavar="FILE", help="the operator token file (certs/operator.token)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS")
 
+
+def call_credentials(args: argparse.Namespace, what: str) -> tuple[Any, list]:
+    """The TLS settings and call metadata for `what` (a call to a running server) from `add_call_arguments`' flags."""
     from .certs import ClientBundle
     from .channels import ClientTLS
-    from .status import format_status, query_status
     from .status_auth import client_metadata, token_metadata
 
     bundle = ClientBundle.load(args.credentials) if args.credentials else None
@@ -289,7 +298,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif bundle is not None:
         credentials = client_metadata(bundle.client_id, bundle.identity)
     else:
-        raise ConfigError("status needs credentials: --credentials CLIENT_FOLDER, or --token certs/operator.token")
+        raise ConfigError(f"{what} needs credentials: --credentials CLIENT_FOLDER, or --token certs/operator.token")
     if args.insecure:
         tls = None
     elif bundle is not None:
@@ -298,6 +307,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         tls = ClientTLS(args.ca)
     else:
         raise ConfigError("give --ca (or --credentials) to check the server's certificate, or --insecure")
+    return tls, credentials
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .status import format_status, query_status
+
+    tls, credentials = call_credentials(args, "status")
     try:
         reply = query_status(args.server, tls, credentials)
     except grpc.RpcError as exc:

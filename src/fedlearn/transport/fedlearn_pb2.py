@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedlearn/transport/fedlearn.proto\x12\x12\x66\x65\x64learn.transport\"\xcf\x01\n\rClientMessage\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.fedlearn.transport.HelloH\x00\x12*\n\x05proof\x18\x02 \x01(\x0b\x32\x19.fedlearn.transport.ProofH\x00\x12\x32\n\x06result\x18\x03 \x01(\x0b\x32 .fedlearn.transport.ResultHeaderH\x00\x12*\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x19.fedlearn.transport.ChunkH\x00\x42\x06\n\x04\x62ody\"\xb1\x02\n\rServerMessage\x12\x32\n\tchallenge\x18\x01 \x01(\x0b\x32\x1d.fedlearn.transport.ChallengeH\x00\x12.\n\x07welcome\x18\x02 \x01(\x0b\x32\x1b.fedlearn.transport.WelcomeH\x00\x12.\n\x04task\x18\x03 \x01(\x0b\x32\x1e.fedlearn.transport.TaskHeaderH\x00\x12*\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x19.fedlearn.transport.ChunkH\x00\x12&\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x17.fedlearn.transport.AckH\x00\x12\x30\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x1c.fedlearn.transport.FinishedH\x00\x42\x06\n\x04\x62ody\"r\n\x05Hello\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x12\n\ntransforms\x18\x03 \x03(\t\x12\x30\n\x05model\x18\x04 \x03(\x0b\x32!.fedlearn.transport.ParameterSpec\";\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\"*\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\x1a\n\x05Proof\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"(\n\x07Welcome\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\xd0\x01\n\nTaskHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.fedlearn.transport.TaskKind\x12\x0e\n\x06\x63onfig\x18\x05 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\x0c\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\x0c\"\xe3\x01\n\x0cResultHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12*\n\x04kind\x18\x05 \x01(\x0e\x32\x1c.fedlearn.transport.TaskKind\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\x0c\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12\x15\n\rtrain_seconds\x18\t \x01(\x01\x12\r\n\x05\x65rror\x18\n \x01(\t\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"6\n\x03\x41\x63k\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1a\n\x08\x46inished\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rStatusRequest\"\x82\x02\n\x0bStatusReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\r\x12\x19\n\x11\x63onnected_clients\x18\x05 \x03(\t\x12\x46\n\x0clast_metrics\x18\x06 \x03(\x0b\x32\x30.fedlearn.transport.StatusReply.LastMetricsEntry\x12\x18\n\x10rejected_results\x18\x07 \x01(\x04\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*J\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03\x46IT\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\x0c\n\x08\x45XCHANGE\x10\x03\x32\xad\x01\n\x08\x46\x65\x64Learn\x12S\n\x07\x43onnect\x12!.fedlearn.transport.ClientMessage\x1a!.fedlearn.transport.ServerMessage(\x01\x30\x01\x12L\n\x06Status\x12!.fedlearn.transport.StatusRequest\x1a\x1f.fedlearn.transport.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedlearn/transport/fedlearn.proto\x12\x12\x66\x65\x64learn.transport\"\xcf\x01\n\rClientMessage\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.fedlearn.transport.HelloH\x00\x12*\n\x05proof\x18\x02 \x01(\x0b\x32\x19.fedlearn.transport.ProofH\x00\x12\x32\n\x06result\x18\x03 \x01(\x0b\x32 .fedlearn.transport.ResultHeaderH\x00\x12*\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x19.fedlearn.transport.ChunkH\x00\x42\x06\n\x04\x62ody\"\xb1\x02\n\rServerMessage\x12\x32\n\tchallenge\x18\x01 \x01(\x0b\x32\x1d.fedlearn.transport.ChallengeH\x00\x12.\n\x07welcome\x18\x02 \x01(\x0b\x32\x1b.fedlearn.transport.WelcomeH\x00\x12.\n\x04task\x18\x03 \x01(\x0b\x32\x1e.fedlearn.transport.TaskHeaderH\x00\x12*\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x19.fedlearn.transport.ChunkH\x00\x12&\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x17.fedlearn.transport.AckH\x00\x12\x30\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x1c.fedlearn.transport.FinishedH\x00\x42\x06\n\x04\x62ody\"r\n\x05Hello\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x12\n\ntransforms\x18\x03 \x03(\t\x12\x30\n\x05model\x18\x04 \x03(\x0b\x32!.fedlearn.transport.ParameterSpec\";\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\"*\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0e\n\x06run_id\x18\x02 \x01(\t\".\n\x05Proof\x12\x11\n\tsignature\x18\x01 \x01(\x0c\x12\x12\n\naudit_size\x18\x02 \x01(\x04\"(\n\x07Welcome\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\xd0\x01\n\nTaskHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.fedlearn.transport.TaskKind\x12\x0e\n\x06\x63onfig\x18\x05 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\x0c\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\x0c\"\xe3\x01\n\x0cResultHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12*\n\x04kind\x18\x05 \x01(\x0e\x32\x1c.fedlearn.transport.TaskKind\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\x0c\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12\x15\n\rtrain_seconds\x18\t \x01(\x01\x12\r\n\x05\x65rror\x18\n \x01(\t\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"6\n\x03\x41\x63k\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\")\n\x08\x46inished\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x61udit\x18\x02 \x01(\x0c\"\x0f\n\rStatusRequest\"\x82\x02\n\x0bStatusReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\r\x12\x19\n\x11\x63onnected_clients\x18\x05 \x03(\t\x12\x46\n\x0clast_metrics\x18\x06 \x03(\x0b\x32\x30.fedlearn.transport.StatusReply.LastMetricsEntry\x12\x18\n\x10rejected_results\x18\x07 \x01(\x04\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"-\n\x0c\x41uditRequest\x12\x0c\n\x04head\x18\x01 \x01(\x0c\x12\x0f\n\x07to_size\x18\x02 \x01(\x04\")\n\nAuditReply\x12\x0c\n\x04head\x18\x01 \x01(\x0c\x12\r\n\x05proof\x18\x02 \x03(\x0c*J\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03\x46IT\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\x0c\n\x08\x45XCHANGE\x10\x03\x32\xf8\x01\n\x08\x46\x65\x64Learn\x12S\n\x07\x43onnect\x12!.fedlearn.transport.ClientMessage\x1a!.fedlearn.transport.ServerMessage(\x01\x30\x01\x12L\n\x06Status\x12!.fedlearn.transport.StatusRequest\x1a\x1f.fedlearn.transport.StatusReply\x12I\n\x05\x41udit\x12 .fedlearn.transport.AuditRequest\x1a\x1e.fedlearn.transport.AuditReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATUSREPLY_LASTMETRICSENTRY']._loaded_options = None
   _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=1707
-  _globals['_TASKKIND']._serialized_end=1781
+  _globals['_TASKKIND']._serialized_start=1832
+  _globals['_TASKKIND']._serialized_end=1906
   _globals['_CLIENTMESSAGE']._serialized_start=58
   _globals['_CLIENTMESSAGE']._serialized_end=265
   _globals['_SERVERMESSAGE']._serialized_start=268
@@ -46,25 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHALLENGE']._serialized_start=752
   _globals['_CHALLENGE']._serialized_end=794
   _globals['_PROOF']._serialized_start=796
-  _globals['_PROOF']._serialized_end=822
-  _globals['_WELCOME']._serialized_start=824
-  _globals['_WELCOME']._serialized_end=864
-  _globals['_TASKHEADER']._serialized_start=867
-  _globals['_TASKHEADER']._serialized_end=1075
-  _globals['_RESULTHEADER']._serialized_start=1078
-  _globals['_RESULTHEADER']._serialized_end=1305
-  _globals['_CHUNK']._serialized_start=1307
-  _globals['_CHUNK']._serialized_end=1343
-  _globals['_ACK']._serialized_start=1345
-  _globals['_ACK']._serialized_end=1399
-  _globals['_FINISHED']._serialized_start=1401
-  _globals['_FINISHED']._serialized_end=1427
-  _globals['_STATUSREQUEST']._serialized_start=1429
-  _globals['_STATUSREQUEST']._serialized_end=1444
-  _globals['_STATUSREPLY']._serialized_start=1447
-  _globals['_STATUSREPLY']._serialized_end=1705
-  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_start=1655
-  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_end=1705
-  _globals['_FEDLEARN']._serialized_start=1784
-  _globals['_FEDLEARN']._serialized_end=1957
+  _globals['_PROOF']._serialized_end=842
+  _globals['_WELCOME']._serialized_start=844
+  _globals['_WELCOME']._serialized_end=884
+  _globals['_TASKHEADER']._serialized_start=887
+  _globals['_TASKHEADER']._serialized_end=1095
+  _globals['_RESULTHEADER']._serialized_start=1098
+  _globals['_RESULTHEADER']._serialized_end=1325
+  _globals['_CHUNK']._serialized_start=1327
+  _globals['_CHUNK']._serialized_end=1363
+  _globals['_ACK']._serialized_start=1365
+  _globals['_ACK']._serialized_end=1419
+  _globals['_FINISHED']._serialized_start=1421
+  _globals['_FINISHED']._serialized_end=1462
+  _globals['_STATUSREQUEST']._serialized_start=1464
+  _globals['_STATUSREQUEST']._serialized_end=1479
+  _globals['_STATUSREPLY']._serialized_start=1482
+  _globals['_STATUSREPLY']._serialized_end=1740
+  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_start=1690
+  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_end=1740
+  _globals['_AUDITREQUEST']._serialized_start=1742
+  _globals['_AUDITREQUEST']._serialized_end=1787
+  _globals['_AUDITREPLY']._serialized_start=1789
+  _globals['_AUDITREPLY']._serialized_end=1830
+  _globals['_FEDLEARN']._serialized_start=1909
+  _globals['_FEDLEARN']._serialized_end=2157
 # @@protoc_insertion_point(module_scope)

@@ -77,10 +77,12 @@ class Challenge(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class Proof(_message.Message):
-    __slots__ = ("signature",)
+    __slots__ = ("signature", "audit_size")
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_SIZE_FIELD_NUMBER: _ClassVar[int]
     signature: bytes
-    def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
+    audit_size: int
+    def __init__(self, signature: _Optional[bytes] = ..., audit_size: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("run_id", "round")
@@ -155,10 +157,12 @@ class Ack(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ..., accepted: bool = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "audit")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    audit: bytes
+    def __init__(self, reason: _Optional[str] = ..., audit: _Optional[bytes] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -188,3 +192,19 @@ class StatusReply(_message.Message):
     last_metrics: _containers.ScalarMap[str, float]
     rejected_results: int
     def __init__(self, run_id: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., connected_clients: _Optional[_Iterable[str]] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., rejected_results: _Optional[int] = ...) -> None: ...
+
+class AuditRequest(_message.Message):
+    __slots__ = ("head", "to_size")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    TO_SIZE_FIELD_NUMBER: _ClassVar[int]
+    head: bytes
+    to_size: int
+    def __init__(self, head: _Optional[bytes] = ..., to_size: _Optional[int] = ...) -> None: ...
+
+class AuditReply(_message.Message):
+    __slots__ = ("head", "proof")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    head: bytes
+    proof: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, head: _Optional[bytes] = ..., proof: _Optional[_Iterable[bytes]] = ...) -> None: ...

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..audit.receipts import AUDIT_KEY
+from ..audit.receipts import AUDIT_KEY, ReceiptIssuer
 from ..compression import update_codec
 from ..params import Layout
 from ..messages import Message, decode_message, encode_message
@@ -107,8 +107,9 @@ class Session:
     """One authenticated connection of one client: the stream's handler takes tasks from `next`."""
 
     def __init__(self, client_id: str, public_hex: str, transforms: Sequence[str], peer: str,
-                 cancel: Callable[[], None]) -> None:
+                 cancel: Callable[[], None], audit_size: int = 0) -> None:
         self.client_id, self.public_hex, self.peer = client_id, public_hex, peer
+        self.audit_size = audit_size  # the size of the newest audit head the client says it holds
         self.transforms = list(transforms)
         self.cancel = cancel
         self._queue: queue.Queue[Task | str | None] = queue.Queue()
@@ -140,8 +141,10 @@ class RemotePool(ClientPool):
     `min_clients` for `wait_timeout` seconds it raises `NotEnoughClientsError`. While waiting it logs what it
     waits for every `log_every` seconds, and `waiting` says how many are connected of how many wanted.
     `fit_config` entries are sent with every fit task (the round's own instructions win). With `receipts`
-    (client id -> audit bundle, `fedlearn.audit.receipts.ReceiptIssuer.bundle`), each fit task also carries
-    the client's audit receipts under the config key "audit".
+    (a `fedlearn.audit.receipts.ReceiptIssuer`, told the size of the head each client holds when it connects),
+    each fit task, and each protocol stage that trains (secure aggregation's masked-input stage), also carries
+    the client's audit receipts under the config key "audit", and so does the message that ends the run
+    (`final_audit`).
     """
 
     def __init__(
@@ -155,7 +158,7 @@ class RemotePool(ClientPool):
         wait_timeout: float = 600.0,
         log_every: float = 10.0,
         fit_config: Config | None = None,
-        receipts: Callable[[str], Config | None] | None = None,
+        receipts: ReceiptIssuer | None = None,
     ) -> None:
         if round_deadline <= 0:
             raise ValueError(f"round_deadline must be positive, got {round_deadline}")
@@ -227,8 +230,18 @@ class RemotePool(ClientPool):
         return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms], codec=codec).values())
 
     def _audit(self, cid: str) -> Config:
-        bundle = self.receipts(cid) if self.receipts is not None else None
+        bundle = self.receipts.bundle(cid) if self.receipts is not None else None
         return {AUDIT_KEY: bundle} if bundle is not None else {}
+
+    def final_audit(self, cid: str) -> bytes:
+        """What the run's end (`Finished`) carries for client `cid`: its audit bundle as a config message, with
+        the receipts of its last rounds, which no later task carries (empty without an audit log)."""
+        try:
+            audit = self._audit(cid)
+        except Exception as exc:  # noqa: BLE001 - the run is over; a client left without receipts must not crash
+            log.warning("event=final_receipts_failed client=%s reason=%r", cid, f"{type(exc).__name__}: {exc}")
+            return b""
+        return encode_config(audit) if audit else b""
 
     def evaluate(self, state: State, instructions: Mapping[str, Config]) -> list[EvalResult | Failure]:
         bodies = {cid: _Body(_round(c), encode_config(c)) for cid, c in instructions.items()}
@@ -243,10 +256,11 @@ class RemotePool(ClientPool):
         deadline: float | None = None,
     ) -> dict[str, Message | Failure]:
         """One stage of a multi-exchange protocol: each client's handler for `message.kind` answers (see
-        `run_client(handlers=...)`). `state` travels along when the stage trains, and then `fit_config` is
-        merged into the stage's fit instructions (`meta["config"]`), as for a plain fit task."""
-        if state is not None:
-            messages = {cid: _with_fit_config(m, self.fit_config) for cid, m in messages.items()}
+        `run_client(handlers=...)`). `state` travels along when the stage trains, and then `fit_config` and the
+        client's audit receipts are merged into the stage's fit instructions (`meta["config"]`), as for a plain
+        fit task."""
+        if state is not None:  # a training stage: its fit instructions carry the receipts, as a fit task's do
+            messages = {cid: _with_fit_config(m, {**self.fit_config, **self._audit(cid)}) for cid, m in messages.items()}
         bodies = {cid: _Body(_round(m.meta), b"", encode_message(m)) for cid, m in messages.items()}
         limit = max(MAX_REPLY_BYTES, RESULT_OVERHEAD + 16 * (Layout.of(state).size if state is not None else 0))
         return self._dispatch(pb.EXCHANGE, state, bodies, limit, [t.name for t in transforms] if state is not None
@@ -268,6 +282,8 @@ class RemotePool(ClientPool):
             if self._finished is not None:
                 session.put(self._finished)
             self._cond.notify_all()
+        if self.receipts is not None and session.audit_size:
+            self.receipts.holds(session.client_id, session.audit_size)
         if old is not None:
             self.detach(old, "the client opened a new connection")
             old.cancel()

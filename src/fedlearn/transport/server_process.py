@@ -36,6 +36,7 @@ from ..strategies import Strategy
 from ..transforms.base import Transform
 from ..types import Config, State
 from . import fedlearn_pb2 as pb
+from .audit_rpc import AuditAnswers
 from .channels import ServerTLS, start_server
 from .identity import AllowList
 from .remote_pool import RemotePool
@@ -162,7 +163,7 @@ class DeploymentServer:
                                min_available=settings.wait_for_clients or clients_per_round or 1,
                                min_clients=min_clients, proceed_after=settings.proceed_after,
                                wait_timeout=settings.wait_timeout, fit_config=fit_config,
-                               receipts=ReceiptIssuer(self.store.audit).bundle)
+                               receipts=ReceiptIssuer(self.store.audit))
         if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
             if protocol is not None or sampler is not None or eval_clients:
                 self.store.close()
@@ -195,7 +196,8 @@ class DeploymentServer:
                                max_clients=settings.max_connections, max_unauthenticated=settings.max_unauthenticated,
                                max_unauthenticated_per_peer=settings.max_unauthenticated_per_peer,
                                operator_token=settings.operator_token or None,
-                               model_layout=Layout.of(initial_state))
+                               model_layout=Layout.of(initial_state),
+                               audit=AuditAnswers(settings.run_dir, self.run_id, self.store.audit.public_key))
         self.phase = "waiting"
         self._grpc = None
         self.dashboard: Dashboard | None = None

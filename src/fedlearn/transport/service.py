@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -25,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from ..params import Layout, layout_difference
 from . import fedlearn_pb2 as pb
 from .admission import Admission, Busy
+from .audit_rpc import AuditRefused
 from .identity import AllowList, Identity, IdentityError, hello_message, verify
 from .remote_pool import RemotePool, Session, Task
 from .status_auth import StatusGate
@@ -36,6 +38,8 @@ AUTH_FAILED = ("authentication failed: the server does not accept this client id
                "(and certificate); its operator's log says why")
 STATUS_REFUSED = ("status needs credentials: a registered client's folder (--credentials) or the operator "
                   "token (--token)")
+AUDIT_REFUSED = ("the audit call needs credentials: a registered client's folder (--credentials) or the operator "
+                 "token (--token)")
 STATUS_CALLS = 4  # status calls answered at once
 _STAND_IN_KEY = Identity.generate().public_hex  # checks the proofs of unknown ids, so they take as long
 
@@ -73,13 +77,15 @@ class Service:
     `max_clients` authenticated streams are served at once; `max_unauthenticated` streams (at most
     `max_unauthenticated_per_peer` from one address) may wait `handshake_timeout` seconds to authenticate.
     `operator_token` is the file holding the SHA-256 of the operator's status token (None: clients only).
+    `audit` answers Audit calls (`audit_rpc.AuditAnswers`; None: the call is refused), with the credentials
+    and within the concurrency budget of Status calls.
     """
 
     def __init__(self, pool: RemotePool, allow_list: str | os.PathLike, status: Callable[[], pb.StatusReply], *,
                  handshake_timeout: float = 10.0, max_clients: int = 256, max_unauthenticated: int = 64,
                  max_unauthenticated_per_peer: int = 8, operator_token: str | os.PathLike | None = None,
-                 model_layout: Layout | None = None) -> None:
-        self.pool, self.allow_list, self.status_reply = pool, allow_list, status
+                 model_layout: Layout | None = None, audit: Callable[[bytes], pb.AuditReply] | None = None) -> None:
+        self.pool, self.allow_list, self.status_reply, self.audit_reply = pool, allow_list, status, audit
         self.model_layout = model_layout
         self.admission = Admission(max_clients=max_clients, total=max_unauthenticated,
                                    per_peer=max_unauthenticated_per_peer, status_calls=STATUS_CALLS,
@@ -92,16 +98,35 @@ class Service:
                 self.connect, request_deserializer=None, response_serializer=pb.ServerMessage.SerializeToString),
             "Status": grpc.unary_unary_rpc_method_handler(
                 self.status, request_deserializer=None, response_serializer=pb.StatusReply.SerializeToString),
+            "Audit": grpc.unary_unary_rpc_method_handler(
+                self.audit, request_deserializer=None, response_serializer=pb.AuditReply.SerializeToString),
         })
 
     def status(self, request: bytes, context: grpc.ServicerContext) -> pb.StatusReply:
+        return self._gated(context, "status", STATUS_REFUSED, self.status_reply)
+
+    def audit(self, request: bytes, context: grpc.ServicerContext) -> pb.AuditReply:
+        """A consistency proof from the caller's head (see `audit_rpc`); refusals carry their reason."""
+        def answer() -> pb.AuditReply:
+            if self.audit_reply is None:
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server keeps no audit log")
+            try:
+                return self.audit_reply(request)
+            except AuditRefused as exc:
+                log.info("event=audit_request_refused peer=%s reason=%r", context.peer(), str(exc))
+                context.abort(exc.code, str(exc))
+
+        return self._gated(context, "audit", AUDIT_REFUSED, answer)
+
+    def _gated(self, context: grpc.ServicerContext, call: str, refusal: str, answer: Callable[[], Any]) -> Any:
+        """`answer()` for a caller with client or operator credentials, within the budget of such calls."""
         try:
             with self.admission.status_call():
                 reason = self.status_gate.refusal(context.invocation_metadata(), certificate_names(context))
                 if reason is not None:
-                    log.warning("event=status_refused peer=%s reason=%r", context.peer(), reason)
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, STATUS_REFUSED)
-                return self.status_reply()
+                    log.warning("event=%s_refused peer=%s reason=%r", call, context.peer(), reason)
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+                return answer()
         except Busy as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
@@ -163,7 +188,7 @@ class Service:
             problem = layout_difference(self.model_layout, client_layout, there=f"client {cid!r}'s model")
             if problem is not None:
                 raise ModelMismatch(f"model mismatch: {problem}; client and server must build the same model")
-        return Session(cid, keys[cid], list(hello.transforms), peer, context.cancel)
+        return Session(cid, keys[cid], list(hello.transforms), peer, context.cancel, int(proof.audit_size))
 
     def _serve(self, session: Session, messages: _Counted) -> Iterator[pb.ServerMessage]:
         while True:
@@ -171,7 +196,8 @@ class Service:
             if item is None:
                 return
             if isinstance(item, str):
-                yield pb.ServerMessage(finished=pb.Finished(reason=item))
+                audit = self.pool.final_audit(session.client_id)  # the receipts of its last rounds
+                yield pb.ServerMessage(finished=pb.Finished(reason=item, audit=audit))
                 return
             if item.result is not None:
                 continue  # its round ended while the client was busy with an earlier task

@@ -32,6 +32,7 @@ MAX_PARAMETERS = 1 << 16  # entries of a hello's model description
 SERVICE = pb.DESCRIPTOR.services_by_name["FedLearn"].full_name
 CONNECT_METHOD = f"/{SERVICE}/Connect"
 STATUS_METHOD = f"/{SERVICE}/Status"
+AUDIT_METHOD = f"/{SERVICE}/Audit"
 KIND_NAMES = {pb.FIT: "fit", pb.EVALUATE: "evaluate", pb.EXCHANGE: "exchange"}
 
 

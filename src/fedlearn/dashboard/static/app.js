@@ -133,7 +133,7 @@ function render(state) {
   head.rows[0].append(el("th", {}, "client"), ...methods.map((m) => el("th", {}, m)), el("th", {}, "rounds"));
   fillTable($("contributions"), contributions.map((row) => [row.client, ...methods.map((m) => row[m] ? fmt(row[m].total) : "–"),
     String(Math.max(...methods.map((m) => row[m] ? row[m].rounds : 0)))]));
-  $("contributions-note").textContent = contributions.length ? "" : "no contribution accounting in this run (--contributions gtg)";
+  $("contributions-note").textContent = contributions.length ? "" : (state.contributions_note || "no contribution accounting in this run (--contributions gtg)");
   const audit = state.audit || {};
   const box = $("audit");
   box.replaceChildren(
