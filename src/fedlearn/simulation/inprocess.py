@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
+from ..analytics.summary import SUMMARY, answer_summary
 from ..client import Client, run_fit
 from ..messages import ClientSession, Handler, Message
 from ..server.pool import ClientPool
@@ -35,7 +36,7 @@ class InProcessPool(ClientPool):
         self.client_fn = client_fn
         self._ids = [str(c) for c in client_ids]
         self.faults = faults or FaultInjector()
-        self.handlers = dict(handlers or {})
+        self.handlers = {SUMMARY: answer_summary, **dict(handlers or {})}  # every client answers statistics
         self._memory: dict[str, dict] = {}
 
     @property

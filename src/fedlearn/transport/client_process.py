@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from ..audit.receipts import AUDIT_KEY, ReceiptBook, accept_bundle
+from ..analytics.summary import SUMMARY, answer_summary
 from ..client import Client, run_fit
 from ..compression import update_codec
 from ..params import Layout
@@ -154,7 +155,8 @@ def run_client(
     `audit_key`, else the key first seen for the run) and kept there; a bad bundle fails that task with the
     reason, so the server learns it and the client does not train for a server whose log does not add up.
     """
-    worker = _Worker(client, transforms, dict(handlers or {}), receipts=receipts, audit_key=audit_key)
+    worker = _Worker(client, transforms, {SUMMARY: answer_summary, **dict(handlers or {})}, receipts=receipts,
+                     audit_key=audit_key)
     layout = client.model_layout()  # the server refuses a different model at once, naming the parameter
     if tls is None:
         warn_insecure()
