@@ -265,3 +265,44 @@ def test_heart_disease_federated_standardisation_equals_the_pooled_one():
         np.testing.assert_allclose(federated.clients[cid][0], pooled.clients[cid][0], atol=1e-5)
         np.testing.assert_allclose(federated.client_test[cid][0], pooled.client_test[cid][0], atol=1e-5)
     np.testing.assert_allclose(federated.test[0], pooled.test[0], atol=1e-5)
+
+
+def test_statistics_over_the_deployment_transport(tmp_path):
+    """Client processes' code (`run_client`, TLS, signed identities) answers the plain stage over gRPC; a client
+    whose rows are malformed is dropped with its reason and the others' statistics match numpy."""
+    import threading
+
+    from fedlearn.transport import certs
+    from fedlearn.transport import fedlearn_pb2 as pb
+    from fedlearn.transport.certs import ClientBundle
+    from fedlearn.transport.channels import ServerTLS, start_server
+    from fedlearn.transport.client_process import run_client
+    from fedlearn.transport.remote_pool import RemotePool
+    from fedlearn.transport.service import Service
+
+    rows = _rows(8)
+    rows = {"alice": rows["c0"], "bob": rows["c1"], "carol": np.ones((4, D + 2))}
+    certs.create(tmp_path, list(rows))
+    pool = RemotePool("run-stats", round_deadline=20, min_available=3, min_clients=3, wait_timeout=30)
+    service = Service(pool, tmp_path / "allowlist.txt", lambda: pb.StatusReply(run_id="run-stats"))
+    grpc_server, port = start_server([service.handler()], "127.0.0.1:0",
+                                     ServerTLS(tmp_path / "server.pem", tmp_path / "server.key"),
+                                     service.admission.capacity)
+    threads = []
+    try:
+        for cid in rows:
+            bundle = ClientBundle.load(tmp_path / "clients" / cid)
+            thread = threading.Thread(target=run_client, daemon=True, args=(FeatureRows(cid, rows[cid]), f"127.0.0.1:{port}"),
+                                      kwargs={"identity": bundle.identity, "tls": bundle.tls, "retry_for": 10})
+            thread.start()
+            threads.append(thread)
+        stats = federated_statistics(pool, features=D, bins=8, deadline=20)
+    finally:
+        pool.finish("statistics done")
+        for thread in threads:
+            thread.join(10)
+        grpc_server.stop(0)
+    assert stats.clients == ["alice", "bob"] and "(rows, 3)" in stats.dropped["carol"]
+    pooled = _pooled(rows, without=("carol",))
+    _assert_moments(stats, pooled)
+    _assert_quantiles(stats, pooled)
