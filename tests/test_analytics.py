@@ -306,3 +306,17 @@ def test_statistics_over_the_deployment_transport(tmp_path):
     pooled = _pooled(rows, without=("carol",))
     _assert_moments(stats, pooled)
     _assert_quantiles(stats, pooled)
+
+
+def test_values_outside_declared_bounds_are_clipped_under_secure_aggregation():
+    rows = _rows(9)
+    narrow = [(1e6 - 3.0, 1e6 + 3.0), (-2.0, 2.0), (0.0, 10.0)]  # many rows lie outside
+    data = FederatedDataset("rows", {c: (x, np.zeros(len(x))) for c, x in rows.items()}, (np.zeros((1, D)), np.zeros(1)), 2)
+    secure = simulate_statistics(data, secure=True, bounds=narrow, bins=8, max_rows=500)
+    low, high = np.array(narrow).T
+    clipped = np.clip(_pooled(rows), low, high)
+    assert not secure.dropped and secure.count == len(clipped)
+    np.testing.assert_allclose(secure.mean, clipped.mean(axis=0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(secure.var, clipped.var(axis=0, ddof=1), rtol=1e-5)
+    for j in range(D):
+        np.testing.assert_array_equal(secure.histogram[j], np.histogram(clipped[:, j], bins=8, range=narrow[j])[0])
