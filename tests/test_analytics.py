@@ -268,8 +268,9 @@ def test_heart_disease_federated_standardisation_equals_the_pooled_one():
 
 
 def test_statistics_over_the_deployment_transport(tmp_path):
-    """Client processes' code (`run_client`, TLS, signed identities) answers the plain stage over gRPC; a client
-    whose rows are malformed is dropped with its reason and the others' statistics match numpy."""
+    """Client processes' code (`run_client`, TLS, signed identities) answers the plain stage over gRPC when it
+    allows statistics in the clear; a client whose rows are malformed, and one that allows statistics only under
+    secure aggregation (the default), are dropped with their reasons, and the others' statistics match numpy."""
     import threading
 
     from fedlearn.transport import certs
@@ -281,9 +282,9 @@ def test_statistics_over_the_deployment_transport(tmp_path):
     from fedlearn.transport.service import Service
 
     rows = _rows(8)
-    rows = {"alice": rows["c0"], "bob": rows["c1"], "carol": np.ones((4, D + 2))}
+    rows = {"alice": rows["c0"], "bob": rows["c1"], "carol": np.ones((4, D + 2)), "dave": rows["c2"]}
     certs.create(tmp_path, list(rows))
-    pool = RemotePool("run-stats", round_deadline=20, min_available=3, min_clients=3, wait_timeout=30)
+    pool = RemotePool("run-stats", round_deadline=20, min_available=4, min_clients=4, wait_timeout=30)
     service = Service(pool, tmp_path / "allowlist.txt", lambda: pb.StatusReply(run_id="run-stats"))
     grpc_server, port = start_server([service.handler()], "127.0.0.1:0",
                                      ServerTLS(tmp_path / "server.pem", tmp_path / "server.key"),
@@ -293,7 +294,8 @@ def test_statistics_over_the_deployment_transport(tmp_path):
         for cid in rows:
             bundle = ClientBundle.load(tmp_path / "clients" / cid)
             thread = threading.Thread(target=run_client, daemon=True, args=(FeatureRows(cid, rows[cid]), f"127.0.0.1:{port}"),
-                                      kwargs={"identity": bundle.identity, "tls": bundle.tls, "retry_for": 10})
+                                      kwargs={"identity": bundle.identity, "tls": bundle.tls, "retry_for": 10,
+                                              **({} if cid == "dave" else {"statistics": "plain"})})
             thread.start()
             threads.append(thread)
         stats = federated_statistics(pool, features=D, bins=8, deadline=20)
@@ -303,7 +305,8 @@ def test_statistics_over_the_deployment_transport(tmp_path):
             thread.join(10)
         grpc_server.stop(0)
     assert stats.clients == ["alice", "bob"] and "(rows, 3)" in stats.dropped["carol"]
-    pooled = _pooled(rows, without=("carol",))
+    assert "only inside secure aggregation" in stats.dropped["dave"]  # the default: no summary in the clear
+    pooled = _pooled(rows, without=("carol", "dave"))
     _assert_moments(stats, pooled)
     _assert_quantiles(stats, pooled)
 
