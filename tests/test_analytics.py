@@ -13,7 +13,8 @@ import pytest
 
 from fedlearn import (FederatedStatistics, InProcessPool, StatisticsDP, Standardizer, TorchClient,
                       federated_statistics, simulate_statistics)
-from fedlearn.analytics import FeatureRows
+from fedlearn.analytics import FeatureRows, SummaryRequest
+from fedlearn.analytics.summary import summary_state
 from fedlearn.data import FederatedDataset
 from fedlearn.messages import Message
 from fedlearn.secagg.quantize import max_levels
@@ -299,6 +300,10 @@ def test_statistics_over_the_deployment_transport(tmp_path):
             thread.start()
             threads.append(thread)
         stats = federated_statistics(pool, features=D, bins=8, deadline=20)
+        # the same request as a plain fit task: answered in the clear only by a client that allows it
+        request = SummaryRequest("moments", D)
+        config = {"round": 1, "statistics": request.to_config()}
+        fitted = {r.client_id: r for r in pool.fit(summary_state(request), {"alice": config, "dave": config})}
     finally:
         pool.finish("statistics done")
         for thread in threads:
@@ -306,6 +311,8 @@ def test_statistics_over_the_deployment_transport(tmp_path):
         grpc_server.stop(0)
     assert stats.clients == ["alice", "bob"] and "(rows, 3)" in stats.dropped["carol"]
     assert "only inside secure aggregation" in stats.dropped["dave"]  # the default: no summary in the clear
+    assert "only inside secure aggregation" in fitted["dave"].reason
+    np.testing.assert_allclose(fitted["alice"].delta[1: 1 + D], rows["alice"].mean(axis=0), rtol=1e-12)
     pooled = _pooled(rows, without=("carol", "dave"))
     _assert_moments(stats, pooled)
     _assert_quantiles(stats, pooled)
