@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlearn import (FederatedStatistics, InProcessPool, StatisticsDP, Standardizer, TorchClient,
-                      federated_statistics, simulate_statistics)
+from fedlearn import (FederatedStatistics, InProcessPool, StatisticsDP, Standardizer, TorchClient, Transform,
+                      Update, federated_statistics, simulate_statistics)
 from fedlearn.analytics import FeatureRows, SummaryRequest
 from fedlearn.analytics.summary import summary_state
 from fedlearn.data import FederatedDataset
@@ -268,9 +268,18 @@ def test_heart_disease_federated_standardisation_equals_the_pooled_one():
     np.testing.assert_allclose(federated.test[0], pooled.test[0], atol=1e-5)
 
 
+class Doubling(Transform):
+    """A client-side transform (as central DP's clipping is) that must never touch a statistics summary."""
+
+    name = "doubling"
+
+    def client(self, update, config):
+        return Update(update.client_id, update.round, update.delta * 2, update.num_examples)
+
+
 def test_statistics_over_the_deployment_transport(tmp_path):
     """Client processes' code (`run_client`, TLS, signed identities) answers the plain stage over gRPC when it
-    allows statistics in the clear; a client whose rows are malformed, and one that allows statistics only under
+    allows statistics in the clear, untouched by its client-side transforms; a client whose rows are malformed, and one that allows statistics only under
     secure aggregation (the default), are dropped with their reasons, and the others' statistics match numpy."""
     import threading
 
@@ -296,14 +305,15 @@ def test_statistics_over_the_deployment_transport(tmp_path):
             bundle = ClientBundle.load(tmp_path / "clients" / cid)
             thread = threading.Thread(target=run_client, daemon=True, args=(FeatureRows(cid, rows[cid]), f"127.0.0.1:{port}"),
                                       kwargs={"identity": bundle.identity, "tls": bundle.tls, "retry_for": 10,
-                                              **({} if cid == "dave" else {"statistics": "plain"})})
+                                              **({} if cid == "dave" else {"statistics": "plain"}),
+                                              "transforms": [Doubling()] if cid == "alice" else []})
             thread.start()
             threads.append(thread)
         stats = federated_statistics(pool, features=D, bins=8, deadline=20)
         # the same request as a plain fit task: answered in the clear only by a client that allows it
         request = SummaryRequest("moments", D)
         config = {"round": 1, "statistics": request.to_config()}
-        fitted = {r.client_id: r for r in pool.fit(summary_state(request), {"alice": config, "dave": config})}
+        fitted = {r.client_id: r for r in pool.fit(summary_state(request), {"bob": config, "dave": config})}
     finally:
         pool.finish("statistics done")
         for thread in threads:
@@ -312,7 +322,7 @@ def test_statistics_over_the_deployment_transport(tmp_path):
     assert stats.clients == ["alice", "bob"] and "(rows, 3)" in stats.dropped["carol"]
     assert "only inside secure aggregation" in stats.dropped["dave"]  # the default: no summary in the clear
     assert "only inside secure aggregation" in fitted["dave"].reason
-    np.testing.assert_allclose(fitted["alice"].delta[1: 1 + D], rows["alice"].mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(fitted["bob"].delta[1: 1 + D], rows["bob"].mean(axis=0), rtol=1e-12)
     pooled = _pooled(rows, without=("carol", "dave"))
     _assert_moments(stats, pooled)
     _assert_quantiles(stats, pooled)

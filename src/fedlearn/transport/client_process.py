@@ -271,7 +271,7 @@ class _Worker:
         return encode(result), seconds
 
     def _fit(self, state: State | None, config: Config) -> Update:
-        if state is None:
+        if state is None and STATISTICS_KEY not in config:  # a statistics task needs no model
             raise RuntimeError("this protocol stage carried no model to train")
         if STATISTICS_KEY in config and self.statistics == "off":
             _refuse_statistics("off")(None, None)
