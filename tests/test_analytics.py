@@ -6,6 +6,8 @@ loader's pooled standardisation."""
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -277,12 +279,10 @@ class Doubling(Transform):
         return Update(update.client_id, update.round, update.delta * 2, update.num_examples)
 
 
-def test_statistics_over_the_deployment_transport(tmp_path):
-    """Client processes' code (`run_client`, TLS, signed identities) answers the plain stage over gRPC when it
-    allows statistics in the clear, untouched by its client-side transforms; a client whose rows are malformed, and one that allows statistics only under
-    secure aggregation (the default), are dropped with their reasons, and the others' statistics match numpy."""
-    import threading
-
+@contextmanager
+def served(tmp_path: Path, rows: dict[str, np.ndarray], client_args):
+    """A TLS gRPC server's `RemotePool` with every client of `rows` connected through `run_client` (in threads,
+    with `client_args(cid, bundle)`); everything is stopped on the way out, also on failure."""
     from fedlearn.transport import certs
     from fedlearn.transport import fedlearn_pb2 as pb
     from fedlearn.transport.certs import ClientBundle
@@ -291,10 +291,8 @@ def test_statistics_over_the_deployment_transport(tmp_path):
     from fedlearn.transport.remote_pool import RemotePool
     from fedlearn.transport.service import Service
 
-    rows = _rows(8)
-    rows = {"alice": rows["c0"], "bob": rows["c1"], "carol": np.ones((4, D + 2)), "dave": rows["c2"]}
     certs.create(tmp_path, list(rows))
-    pool = RemotePool("run-stats", round_deadline=20, min_available=4, min_clients=4, wait_timeout=30)
+    pool = RemotePool("run-stats", round_deadline=20, min_available=len(rows), min_clients=len(rows), wait_timeout=30)
     service = Service(pool, tmp_path / "allowlist.txt", lambda: pb.StatusReply(run_id="run-stats"))
     grpc_server, port = start_server([service.handler()], "127.0.0.1:0",
                                      ServerTLS(tmp_path / "server.pem", tmp_path / "server.key"),
@@ -303,22 +301,33 @@ def test_statistics_over_the_deployment_transport(tmp_path):
     try:
         for cid in rows:
             bundle = ClientBundle.load(tmp_path / "clients" / cid)
-            thread = threading.Thread(target=run_client, daemon=True, args=(FeatureRows(cid, rows[cid]), f"127.0.0.1:{port}"),
-                                      kwargs={"identity": bundle.identity, "tls": bundle.tls, "retry_for": 10,
-                                              **({} if cid == "dave" else {"statistics": "plain"}),
-                                              "transforms": [Doubling()] if cid == "alice" else []})
-            thread.start()
-            threads.append(thread)
-        stats = federated_statistics(pool, features=D, bins=8, deadline=20)
-        # the same request as a plain fit task: answered in the clear only by a client that allows it
-        request = SummaryRequest("moments", D)
-        config = {"round": 1, "statistics": request.to_config()}
-        fitted = {r.client_id: r for r in pool.fit(summary_state(request), {"bob": config, "dave": config})}
+            args = (FeatureRows(cid, rows[cid]), f"127.0.0.1:{port}")
+            kwargs = {"identity": bundle.identity, "tls": bundle.tls, "retry_for": 10, **client_args(cid, bundle)}
+            threads.append(threading.Thread(target=run_client, args=args, kwargs=kwargs, daemon=True))
+            threads[-1].start()
+        yield pool
     finally:
         pool.finish("statistics done")
         for thread in threads:
             thread.join(10)
         grpc_server.stop(0)
+
+
+def test_statistics_over_the_deployment_transport(tmp_path):
+    """Client processes' code (`run_client`, TLS, signed identities) answers the plain stage over gRPC when it
+    allows statistics in the clear, untouched by its client-side transforms; a client whose rows are malformed,
+    and one that allows statistics only under secure aggregation (the default), are dropped with their reasons,
+    and the others' statistics match numpy."""
+    rows = _rows(8)
+    rows = {"alice": rows["c0"], "bob": rows["c1"], "carol": np.ones((4, D + 2)), "dave": rows["c2"]}
+    args = {"alice": {"statistics": "plain", "transforms": [Doubling()]}, "bob": {"statistics": "plain"},
+            "carol": {"statistics": "plain"}, "dave": {}}
+    with served(tmp_path, rows, lambda cid, bundle: args[cid]) as pool:
+        stats = federated_statistics(pool, features=D, bins=8, deadline=20)
+        # the same request as a plain fit task: answered in the clear only by a client that allows it
+        request = SummaryRequest("moments", D)
+        config = {"round": 1, "statistics": request.to_config()}
+        fitted = {r.client_id: r for r in pool.fit(summary_state(request), {"bob": config, "dave": config})}
     assert stats.clients == ["alice", "bob"] and "(rows, 3)" in stats.dropped["carol"]
     assert "only inside secure aggregation" in stats.dropped["dave"]  # the default: no summary in the clear
     assert "only inside secure aggregation" in fitted["dave"].reason
@@ -326,6 +335,24 @@ def test_statistics_over_the_deployment_transport(tmp_path):
     pooled = _pooled(rows, without=("carol", "dave"))
     _assert_moments(stats, pooled)
     _assert_quantiles(stats, pooled)
+
+
+def test_secure_statistics_over_the_deployment_transport(tmp_path):
+    """Clients with the default policy answer inside secure aggregation, signing with their own identity keys;
+    the result is the plain one of the same rows."""
+    from fedlearn.secagg.protocol import SecAggConfig
+    from fedlearn.secagg.server import SecAggProtocol
+    from fedlearn.transport.secagg_handlers import load_peer_keys, secagg_handlers
+
+    rows = _rows(10)
+    with served(tmp_path, rows, lambda cid, bundle: {"handlers": secagg_handlers(cid, bundle.identity)}) as pool:
+        registry = load_peer_keys(tmp_path / "allowlist.txt")
+        secure = federated_statistics(pool, bounds=BOUNDS, bins=16, max_rows=500,
+                                      secure=SecAggProtocol(SecAggConfig(), registry))
+    plain = federated_statistics(_pool(rows), bounds=BOUNDS, bins=16)
+    assert secure.secure and secure.clients == sorted(rows) and not secure.dropped and secure.count == plain.count
+    np.testing.assert_array_equal(secure.histogram, plain.histogram)
+    np.testing.assert_allclose(secure.var, plain.var, rtol=1e-4)
 
 
 def test_values_outside_declared_bounds_are_clipped_under_secure_aggregation():
