@@ -16,7 +16,9 @@ from fedlearn.simulation import FaultInjector, InProcessPool
 from fedlearn.simulation.backends import make_pool
 from fedlearn.simulation.workers import decode_instructions, decode_results, encode_instructions, encode_results
 from fedlearn.torch import MLP, TorchClient, state_of
+from fedlearn.secagg import Identities, SecAggClient, SecAggConfig, SecAggProtocol
 from fedlearn.transforms import Transform
+from vector_clients import known_delta, zero_state
 
 DATA = federate(load_digits(), "dirichlet", 24, seed=1, alpha=0.5)  # unequal client sizes
 SIZES = sorted(len(y) for _, y in DATA.clients.values())
@@ -146,21 +148,64 @@ def test_process_pool_is_identical_to_sequential_pool_with_transforms_in_cohort_
     assert [r.failures for r in processes.history.rounds] == [r.failures for r in reference.history.rounds]
 
 
-def test_ray_pool_on_two_local_cpus_matches_sequential_pool(monkeypatch):
+@pytest.fixture(scope="module")
+def local_ray():
+    """Ray on two local CPUs, started once for this module's Ray tests; its workers import the test modules
+    (this one and its helpers) to rebuild clients and handlers."""
     ray = pytest.importorskip("ray")
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", path)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield ray
+        ray.shutdown()
+
+
+def test_ray_pool_on_two_local_cpus_matches_sequential_pool(local_ray):
     from fedlearn.simulation.ray_pool import RayPool
 
-    # Ray workers import this module to rebuild `_client`
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        pool = RayPool(InProcessPool(_client, DATA.client_ids, FAULTS))
-        assert pool.size == 2
-        remote = _run(pool, FedAvg(), rounds=2)
-    finally:
-        ray.shutdown()
+    pool = RayPool(InProcessPool(_client, DATA.client_ids, FAULTS))
+    assert pool.size == 2
+    remote = _run(pool, FedAvg(), rounds=2)
     reference = _run(InProcessPool(_client, DATA.client_ids, FAULTS), FedAvg(), rounds=2)
     np.testing.assert_array_equal(remote.params, reference.params)
+
+
+def test_ray_actors_run_evaluation_secure_aggregation_and_he_stages(local_ray, tmp_path):
+    pytest.importorskip("tenseal")
+    from fedlearn.he import HEClient, HEConfig, HEProtocol, create_keys
+    from fedlearn.simulation.ray_pool import RayPool
+    from test_worker_stages import DIM, Both, Halve, quantum, recording, stage_calls
+
+    n, log_file, halve = 6, tmp_path / "calls", Halve()
+    ids = [str(i) for i in range(n)]
+    identities = Identities.generate(ids)  # private keys travel to the actors (as raw bytes)
+    secret, public = create_keys()  # so does the CKKS secret context
+    handlers = recording({**SecAggClient(identities.sign, identities.registry).handlers(),
+                          **HEClient(secret).handlers()}, log_file)
+    pool = RayPool(InProcessPool(Both, ids, handlers=handlers), transforms=[halve])
+    try:
+        state = OrderedDict(w=np.linspace(-1, 1, DIM))
+        evaluated = pool.evaluate(state, {cid: {"round": 1} for cid in ids})
+        server = Server(pool, FedAvg(), zero_state(DIM), sampler=ClientSampler(fraction=1.0),
+                        protocol=SecAggProtocol(SecAggConfig(graph="full"), identities.registry, seed=1),
+                        anomaly_checks=None, transforms=[halve])
+        server.run(1)
+        encrypted = Server(pool, FedAvg(), zero_state(DIM), sampler=ClientSampler(fraction=1.0),
+                           protocol=HEProtocol(HEConfig(), public), anomaly_checks=None, transforms=[halve])
+        encrypted.run(1)
+    finally:
+        pool.close()
+    assert [r.metrics["score"] for r in evaluated] == pytest.approx(
+        [float(state["w"] @ known_delta(c, DIM)) for c in ids], rel=1e-12)
+    assert os.getpid() not in {r.metrics["pid"] for r in evaluated}
+    plain = sum(known_delta(c, DIM) for c in ids) / 2
+    assert np.abs(server.protocol.last_sum - plain).max() <= n * quantum(n)
+    np.testing.assert_allclose(encrypted.params, plain / n, rtol=0, atol=1e-6)  # the plain mean, halved
+    calls = stage_calls(log_file)
+    assert {stage.split("/")[0] for stage, _, _ in calls} == {"secagg", "he"}
+    pids = {pid for _, _, pid in calls}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
 
 
 def test_backend_setting_reaches_the_pool_and_bad_names_are_refused():

@@ -228,7 +228,8 @@ def run_simulation(
     sampler = sampler or ClientSampler(clients_per_round, fraction, seed=seed)
     if isinstance(sampler, ClientSampler):
         sampler.size(len(client_ids))  # refuse more clients per round than there are, before any work
-    pool = make_pool(backend, app.client, client_ids, faults, handlers=handlers, ray_address=ray_address)
+    pool = make_pool(backend, app.client, client_ids, faults, handlers=handlers, ray_address=ray_address,
+                     transforms=transforms)
     server = Server(
         pool, strategy, app.initial(seed), sampler=sampler, min_clients=min_clients,
         max_failed_rounds=max_failed_rounds, anomaly_checks=anomaly_checks, protocol=protocol, max_examples=max_examples,

@@ -70,6 +70,7 @@ class Cast(Compression):
     """The delta rounded to float16 or bfloat16 (half the bytes of float32)."""
 
     why_not = "rounding to the nearest representable value can round up"
+    stateful_client = False
 
     def __init__(self, dtype: str = "bfloat16") -> None:
         if dtype not in DENSE_DTYPES:

@@ -203,7 +203,13 @@ class HEClient:
     """Client side: holds the secret CKKS context (`secret_context`, bytes from `create_keys`)."""
 
     def __init__(self, secret_context: bytes) -> None:
+        self.secret_context = secret_context
         self.context = load_secret(secret_context)
+
+    def __reduce__(self):
+        """Rebuilt from the context's bytes, so a simulation can hand its clients to Ray's workers (TenSEAL
+        contexts cannot be copied by Ray's serializer)."""
+        return HEClient, (self.secret_context,)
 
     def handlers(self) -> dict[str, Handler]:
         return {ENCRYPTED: self.encrypt, DECRYPT: self.decrypt}

@@ -48,6 +48,7 @@ class CentralDPClient(Transform):
     It has the server transform's name, so the server can check each client declared it."""
 
     name = "central_dp"
+    stateful_client = False  # the client half only clips to the norm the task carries
 
     def client(self, update: Update, config: Config) -> Update:
         return clip_to_server_norm(update, config)
@@ -63,6 +64,7 @@ class CentralDP(Transform):
     for that worst case."""
 
     name = "central_dp"
+    stateful_client = False  # the client half only clips to the norm the task carries
     per_update = True
 
     def __init__(

@@ -104,7 +104,17 @@ class Identities:
     def registry(self) -> dict[str, bytes]:
         return {cid: public_bytes(key) for cid, key in self.private.items()}
 
+    def __reduce__(self):
+        """Simulated clients' keys as raw bytes, so a simulation can hand its clients to Ray's workers (which copy
+        them with their serializer); `cryptography` key objects cannot be copied that way."""
+        raw = {cid: key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()) for cid, key in self.private.items()}
+        return _identities_from_raw, (raw,)
+
     def sign(self, cid: str, message: bytes) -> bytes:
         if cid not in self.private:
             raise SecAggKeyError(f"client {cid!r} holds no identity key")
         return self.private[cid].sign(message)
+
+
+def _identities_from_raw(raw: Mapping[str, bytes]) -> Identities:
+    return Identities({cid: Ed25519PrivateKey.from_private_bytes(key) for cid, key in raw.items()})

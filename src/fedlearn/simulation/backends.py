@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from ..config import BACKENDS
 from ..messages import Handler
 from ..server.pool import ClientPool
+from ..transforms.base import Transform
 from .faults import FaultInjector
 from .inprocess import ClientFn, InProcessPool
 
@@ -32,11 +33,13 @@ def make_pool(
     handlers: Mapping[str, Handler] | None = None,
     ray_address: str | None = None,
     workers: int | None = None,
+    transforms: Sequence[Transform] = (),
 ) -> ClientPool:
     """"sequential": one client after another in this process (the reference); "vectorized": each cohort of
     PyTorch clients trained at once with torch.func; "process": one forked worker per core; "ray": Ray actors,
     local or on the cluster at `ray_address`. All give the sequential pool's results (the process and Ray
-    workers run one torch thread each, so compare with a sequential run on one thread)."""
+    workers run one torch thread each, so compare with a sequential run on one thread). `transforms` are the
+    run's: the process and Ray workers need them to run protocol stages that train."""
     if backend == "sequential":
         return InProcessPool(client_fn, client_ids, faults, handlers)
     if backend == "vectorized":
@@ -46,9 +49,10 @@ def make_pool(
     if backend == "process":
         from .multiprocess import ProcessPool
 
-        return ProcessPool(InProcessPool(client_fn, client_ids, faults, handlers), workers)
+        return ProcessPool(InProcessPool(client_fn, client_ids, faults, handlers), workers, transforms)
     if backend == "ray":
         from .ray_pool import RayPool
 
-        return RayPool(InProcessPool(client_fn, client_ids, faults, handlers), address=ray_address, workers=workers)
+        return RayPool(InProcessPool(client_fn, client_ids, faults, handlers), address=ray_address, workers=workers,
+                       transforms=transforms)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,13 +1,13 @@
 """`RayPool`: the cohort dealt over Ray actors, on this machine (`ray.init()`) or a cluster (`address=`).
 
-The local pool (and with it `client_fn` and whatever data it closes over) is put in Ray's object store once,
-when the pool starts; every actor is built from that one object, which Ray copies to each node once, however
-many actors the node runs (Ray ships it by its own serializer, the one thing here that fedlearn does not
-encode itself). Per round the global state is put in the object store once, encoded in fedlearn's tensor
-format, and every live actor gets a reference to it plus its share of the instructions; its answers come back
-as one encoded message. `round_bytes` counts what each round hands to Ray, `setup_bytes` the one-off copy.
-Actors run one torch thread each, so results equal the sequential pool's with one thread. Evaluation and
-multi-stage protocols run in the driver on the local pool.
+The local pool (and with it `client_fn`, the protocol handlers and whatever data they close over) and the run's
+transforms are put in Ray's object store once, when the pool starts; every actor is built from that one
+object, which Ray copies to each node once, however many actors the node runs (Ray ships it by its own
+serializer, the one thing here that fedlearn does not encode itself). Per call (fit, evaluation, protocol
+stage) the global state is put in the object store once, encoded in fedlearn's tensor format, and every live
+actor gets a reference to it plus its share; its answers come back as one encoded message (see `workers.py`
+for who goes where). `round_bytes` counts what each fit hands to Ray, `setup_bytes` the one-off copy.
+Actors run one torch thread each, so results equal the sequential pool's with one thread.
 
 An actor that dies (its process or its whole node) costs the clients it held that round: they fail as
 crashes, the actor is dropped and a replacement is requested, which takes part from the first round after
@@ -19,13 +19,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
-from ..serialize import encode_state
 from ..transforms.base import Transform
-from ..types import Config, Failure, State, Update
+from ..types import State
 from .inprocess import InProcessPool
-from .workers import OffloadingPool, decode_results, encode_instructions, finish_in_order, serve_fit, shares
+from .workers import OffloadingPool, serve, state_frame
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +52,29 @@ def check_ray_address(address: str) -> str:
 
 
 class _Worker:
-    """Ray actor body: holds a local pool and answers a share of each round."""
+    """Ray actor body: holds a local pool and the run's transforms, and answers its share of each call."""
 
-    def __init__(self, local: InProcessPool) -> None:
+    def __init__(self, shipped: tuple[InProcessPool, tuple[Transform, ...]]) -> None:
         import torch
 
         torch.set_num_threads(1)
-        self.local = local
+        self.local, self.transforms = shipped
 
     def node(self) -> str:
         import ray
 
         return ray.get_runtime_context().get_node_id()
 
-    def fit(self, state_frame: bytes, instructions_frame: bytes) -> bytes:
-        return serve_fit(self.local, state_frame, instructions_frame)
+    def run(self, op: str, head: bytes, frame: bytes) -> bytes:
+        return serve(self.local, self.transforms, op, head, frame)
 
 
 class RayPool(OffloadingPool):
     """Runs `local` (a sequential or vectorised in-process pool) in `workers` Ray actors of one CPU each
     (default: one per CPU Ray reports). Starts Ray unless it is already running; `address` joins a cluster
     (see `check_ray_address`), `num_cpus` caps a local instance. A round with no live actor waits up to
-    `start_timeout` seconds for one, then fails its clients."""
+    `start_timeout` seconds for one, then fails its clients. `transforms` are the run's: protocol stages that
+    train run their client halves in the actors (see `workers.py`)."""
 
     def __init__(
         self,
@@ -84,6 +84,7 @@ class RayPool(OffloadingPool):
         workers: int | None = None,
         num_cpus: int | None = None,
         start_timeout: float = 120.0,
+        transforms: Sequence[Transform] = (),
     ) -> None:
         if address:
             check_ray_address(address)
@@ -97,46 +98,46 @@ class RayPool(OffloadingPool):
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             _connect(ray, address, num_cpus)
-        super().__init__(local)
+        super().__init__(local, transforms)
         self.size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.start_timeout = start_timeout
         self._actor_class = ray.remote(num_cpus=1, max_restarts=0)(_Worker)  # a dead actor is replaced, not revived
-        self._local_ref = ray.put(local)  # serialized once for all actors, copied once to each node that runs one
+        self._local_ref = ray.put((local, self.transforms))  # serialized once, copied once to each node that runs one
         self.setup_bytes = _object_size(ray, self._local_ref)
         self.round_bytes: list[int] = []  # per fit call: encoded state + instructions handed to Ray
-        self.placement: dict[str, str] = {}  # client id -> node id of the actor that trained it, last round
+        self._first = True  # the first call waits for every actor to start
         self._live: dict[object, str] = {}  # actor -> node id
         self._starting: dict[object, object] = {}  # actor -> reference to its node id, once it runs
         for _ in range(self.size):
             self._spawn()
 
-    def fit(
-        self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
-    ) -> list[Update | Failure]:
+    def _workers(self) -> list[Hashable]:
+        self._admit(first=self._first)
+        self._first = False
+        return list(self._live)
+
+    def _no_worker_reason(self) -> str:
+        return f"no Ray worker is alive ({len(self._starting)} waiting for room in the cluster)"
+
+    def _label(self, actor: Hashable) -> str:
+        return self._live.get(actor, "")  # the node id
+
+    def _send(self, op: str, state: State | None, frames: Mapping[Hashable, bytes]) -> dict[Hashable, bytes | Exception]:
         ray = self._ray
-        self._admit(first=not self.round_bytes)
-        if not self._live:
-            reason = f"no Ray worker is alive ({len(self._starting)} waiting for room in the cluster)"
-            return [Failure(cid, "crash", reason) for cid in instructions]
-        actors = list(self._live)
-        state_ref = ray.put(encode_state(state))
-        dealt = shares(instructions, len(actors))
-        frames = [encode_instructions(share) for share in dealt]
-        self.round_bytes.append(_object_size(ray, state_ref) + sum(len(f) for f in frames))
-        calls = [a.fit.remote(state_ref, frame) for a, frame in zip(actors, frames)]
-        raw: dict[str, Update | Failure] = {}
-        self.placement = {}
-        for actor, call, share in zip(actors, calls, dealt):
+        state_ref = ray.put(state_frame(state))
+        if op == "fit":
+            self.round_bytes.append(_object_size(ray, state_ref) + sum(len(f) for f in frames.values()))
+        calls = {actor: actor.run.remote(op, state_ref, frame) for actor, frame in frames.items()}
+        answers: dict[Hashable, bytes | Exception] = {}
+        for actor, call in calls.items():
             try:
-                raw.update(zip(share, decode_results(ray.get(call))))
-                self.placement.update(dict.fromkeys(share, self._live[actor]))
-            except Exception as exc:  # its actor died, or sent garbage: its clients crashed this round
+                answers[actor] = ray.get(call)
+            except Exception as exc:  # its actor died: its clients crashed this call
                 log.warning("ray worker on node %s failed: %s: %s", self._live[actor][:8], type(exc).__name__, exc)
-                raw.update({cid: Failure(cid, "crash", f"ray worker failed: {type(exc).__name__}: {exc}")
-                            for cid in share})
+                answers[actor] = exc
                 if isinstance(exc, ray.exceptions.RayActorError):
                     self._replace(actor)
-        return finish_in_order(raw, instructions, transforms)
+        return answers
 
     def close(self) -> None:
         for actor in [*self._live, *self._starting]:

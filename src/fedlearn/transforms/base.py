@@ -33,6 +33,9 @@ class Transform:
     # weight and metrics): the round loop may then stream, folding each update into a running aggregate as it
     # arrives and handing `finalize` the accepted updates with their deltas already folded (empty arrays).
     per_update = False
+    # False when `client` keeps nothing between calls, so a copy of this transform in a worker process acts as the
+    # original would: pools may then run protocol stages that train (and run the client halves) in their workers.
+    stateful_client = True
 
     def client(self, update: Update, config: Config) -> Update:
         return update
@@ -54,3 +57,8 @@ class Transform:
 
     def restore(self, rounds: list) -> None:
         """Rebuild server-side state from the committed `RoundRecord`s of a resumed run."""
+
+
+def runs_in_copies(chain: Sequence[Transform]) -> bool:
+    """True when every client half in `chain` is the identity or keeps no state (see `stateful_client`)."""
+    return all(type(t).client is Transform.client or not t.stateful_client for t in chain)
