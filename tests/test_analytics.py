@@ -97,16 +97,17 @@ def test_declared_bounds_need_one_exchange_and_give_the_same_statistics():
     np.testing.assert_allclose(stats.quantile_error, [60 / 40, 20 / 40, 50 / 40])
 
 
-def test_an_app_of_torch_clients_and_the_vectorized_pool_give_the_same_statistics():
+def test_an_app_of_torch_clients_and_the_vectorized_and_process_pools_give_the_same_statistics():
     rows = _rows(2)
     data = FederatedDataset("rows", {c: (x.astype(np.float32), np.zeros(len(x), dtype=np.int64)) for c, x in rows.items()},
                             (np.zeros((1, D), np.float32), np.zeros(1, np.int64)), 2)
     pool = InProcessPool(lambda cid: TorchClient(cid, lambda: None, *data.clients[cid]), data.client_ids)
     stats = federated_statistics(pool, features=D, bins=8)
     _assert_moments(stats, _pooled({c: x.astype(np.float32).astype(np.float64) for c, x in rows.items()}), 1e-12)
-    vectorized = simulate_statistics(data, backend="vectorized", features=D, bins=8)
-    np.testing.assert_array_equal(vectorized.mean, stats.mean)
-    np.testing.assert_array_equal(vectorized.histogram, stats.histogram)
+    for backend in ("vectorized", "process"):  # process workers answer the stages in their own processes
+        other = simulate_statistics(data, backend=backend, features=D, bins=8)
+        np.testing.assert_array_equal(other.mean, stats.mean)
+        np.testing.assert_array_equal(other.histogram, stats.histogram)
 
 
 def test_secure_aggregation_gives_the_plain_result():
