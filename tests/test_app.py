@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,11 @@ import pytest
 import torch
 
 from app_support import digits_model, make_app
-from fedlearn import App, RunStore, run_simulation
+from fedlearn import App, Client, FedAvg, RunStore, Update, run_simulation
 from fedlearn.cli import main as fedlearn_main
 from fedlearn.config import SimulationConfig
 from fedlearn.data import federate, load_breast_cancer, load_digits
+from fedlearn.strategies import weighted_mean
 from fedlearn.torch import TorchClient
 from fedlearn.transport import ClientBundle, certs
 from fedlearn.transport.client_process import ClientRejected, run_client
@@ -42,6 +44,33 @@ def test_strategies_by_name_and_a_wrong_name_lists_the_valid_ones():
     assert not np.allclose(yogi.final_state["0.weight"], plain.final_state["0.weight"])  # the server optimizer ran
     with pytest.raises(ValueError, match=r"unknown strategy 'fedyogo'.*'fedyogi'"):
         run_simulation(data=fds, model_fn=digits_model, rounds=1, strategy="fedyogo")
+
+
+class _Constant(Client):
+    """Sends the same delta every round, so one FedAvg step moves the model by the aggregate of the values."""
+
+    def __init__(self, cid: str, value: float) -> None:
+        super().__init__(cid)
+        self.value = value
+
+    def fit(self, state, config) -> Update:
+        return Update(self.cid, config["round"], np.full(2, self.value), 1)
+
+
+def test_aggregators_by_name_replace_the_mean_and_a_wrong_name_lists_the_valid_ones():
+    values = {"a": 0.1, "b": 0.2, "c": 5.0}
+    strategy = FedAvg()
+    parts = dict(client_fn=lambda cid: _Constant(cid, values[cid]), client_ids=list(values), rounds=1,
+                 initial_state=OrderedDict(w=np.zeros(2)), anomaly_checks=None)
+    median = run_simulation(**parts, strategy=strategy, aggregator="median")
+    np.testing.assert_allclose(median.final_state["w"], [0.2, 0.2], rtol=1e-12)  # np.median of the three values
+    assert strategy.aggregator is weighted_mean  # the caller's strategy object is left as it was
+    mean = run_simulation(**parts, strategy=strategy)
+    np.testing.assert_allclose(mean.final_state["w"], [5.3 / 3] * 2, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"unknown aggregator 'medain'.*'median'.*'trimmed_mean'"):
+        run_simulation(**parts, aggregator="medain")
+    with pytest.raises(ValueError, match="fednova.*own rule"):
+        run_simulation(**parts, strategy="fednova", aggregator="median")
 
 
 def test_an_unknown_metric_names_the_recorded_ones():

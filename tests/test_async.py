@@ -54,6 +54,32 @@ def test_buffered_steps_apply_staleness_weights_by_hand():
     assert history.rounds[1].metrics["staleness_max"] == 1.0 and history.rounds[1].metrics["clock"] == 3.0
 
 
+class ScoredClient(ConstantClient):
+    """A ConstantClient whose evaluation reports its own value as the score, on `examples` examples."""
+
+    def __init__(self, cid: str, value: float, examples: int) -> None:
+        super().__init__(cid, value)
+        self.examples = examples
+
+    def evaluate(self, state, config):
+        return {"num_examples": self.examples, "score": self.value}
+
+
+def test_async_federated_evaluation_combines_client_metrics_by_the_apps_rule():
+    values, examples = {"a": 0.2, "b": 0.8, "c": 0.5}, {"a": 1, "b": 3, "c": 6}
+    pool = InProcessPool(lambda cid: ScoredClient(cid, values[cid], examples[cid]), list(values))
+
+    def best_client(results):  # a replacement rule: the best client's score, not the weighted mean
+        return {"score": max(r.metrics["score"] for r in results), "clients": float(len(results))}
+
+    server = AsyncServer(VirtualExecutor(pool, VirtualClock(Fleet())), FedAvg(), ZERO, buffer_size=1, concurrency=1,
+                         eval_clients=3, evaluate_metrics=best_client)
+    assert server.run(2).last["fed_score"] == 0.8 and server.history.last["fed_clients"] == 3.0
+    default = AsyncServer(VirtualExecutor(pool, VirtualClock(Fleet())), FedAvg(), ZERO, buffer_size=1, concurrency=1,
+                          eval_clients=3)
+    assert default.run(1).last["fed_score"] == pytest.approx((0.2 * 1 + 0.8 * 3 + 0.5 * 6) / 10, rel=1e-12)
+
+
 def test_results_older_than_max_staleness_are_dropped_with_the_reason():
     values = {"fast": 1.0, "slow": 100.0}
     clock = VirtualClock(Fleet(jitter_sigma=0.0, speeds={"fast": 1.0, "slow": 10.0}))

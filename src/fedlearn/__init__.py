@@ -1,5 +1,6 @@
 """fedlearn: federated learning with one round loop for simulation and deployment."""
 from .aggregators import make_aggregator
+from .analytics import FederatedStatistics, Standardizer, StatisticsDP, federated_statistics, simulate_statistics
 from .app import App, load_app
 from .audit.verify import verify_run
 from .client import Client
@@ -34,4 +35,5 @@ __all__ = [
     "VirtualExecutor", "WirePool", "QSGD", "TopK", "RandomK", "Cast",
     "verify_run", "ContributionAccounting",
     "App", "load_app", "classification_metrics", "weighted_mean_metrics",
+    "federated_statistics", "simulate_statistics", "FederatedStatistics", "StatisticsDP", "Standardizer",
 ]

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from .types import Config, Metrics, State, Update
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .params import Layout
     from .transforms.base import Transform
 
@@ -32,6 +34,12 @@ class Client(ABC):
         """Evaluate `state` on local data. Clients without evaluation data need not override this."""
         raise NotImplementedError(f"client {self.cid!r} does not implement evaluate()")
 
+    def local_features(self) -> "np.ndarray":
+        """This client's feature rows (rows, features) for federated statistics (`fedlearn.analytics`): only
+        summaries of them leave the client. Clients that take no part in statistics need not override this."""
+        raise NotImplementedError(f"client {self.cid!r} does not implement local_features(), so it cannot take "
+                                  "part in federated statistics")
+
     def model_layout(self) -> "Layout | None":
         """The names, shapes and dtypes of this client's model, if it knows them (None: unknown). A client
         process sends it when connecting, and a server with another model refuses it at once."""
@@ -39,7 +47,13 @@ class Client(ABC):
 
 
 def run_fit(client: Client, state: State, config: Config, transforms: Sequence["Transform"] = ()) -> Update:
-    """Run one fit task as a pool does: call `fit`, check what came back, apply client-side transforms."""
+    """Run one fit task as a pool does: call `fit`, check what came back, apply client-side transforms. A
+    statistics task (its config carries ``statistics``, see `fedlearn.analytics`) is answered with the client's
+    summary of its features instead: nothing is trained and no transform touches the summary."""
+    if "statistics" in config:
+        from .analytics.summary import statistics_update  # analytics builds on the client API: import late
+
+        return statistics_update(client, config)
     return finish_fit(client.cid, client.fit(state, config), config, transforms)
 
 

@@ -3,6 +3,7 @@ on a built-in task), `run_simulation(...)` for an app or its parts in Python. Bo
 round loop over an in-process pool and write a run directory (SQLite store, final model, metrics CSV, plot)."""
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .aggregators import make_aggregator, use_aggregator
 from .app import App, app_from_settings
 from .client import Client
 from .config import ConfigError, SimulationConfig
@@ -30,7 +32,7 @@ from .server.sampling import PoissonSampler
 from .simulation import FaultInjector
 from .simulation.backends import make_pool
 from .simulation.robustness import robustness_setup
-from .strategies import Strategy, make_strategy
+from .strategies import Aggregator, Strategy, make_strategy
 from .torch.models import build_model
 from .transforms.base import Transform
 from .types import State
@@ -170,6 +172,7 @@ def run_simulation(
     data: FederatedDataset | None = None,
     initial_state: State | None = None,
     strategy: Strategy | str | None = None,
+    aggregator: Aggregator | str | None = None,
     rounds: int = 10,
     clients_per_round: int | None = None,
     fraction: float | None = None,
@@ -196,7 +199,9 @@ def run_simulation(
     """Simulate federated training. The task is an `app` (see `fedlearn.App`), or is given by its parts:
     `data` (a `FederatedDataset`) and `model_fn` are enough (a `TorchClient` per client, central evaluation
     on `data.test`), or any clients as `client_fn(cid)` over `client_ids` with `model_fn` or `initial_state`.
-    `strategy` (an object or a registered name such as "fedyogi") and `central_eval` replace the app's.
+    `strategy` (an object or a registered name such as "fedyogi") and `central_eval` replace the app's;
+    `aggregator` (a callable or a registered name such as "median", see `fedlearn.aggregators`) replaces the
+    strategy's weighted mean.
 
     The initial model is `initial_state`, or `model_fn()` built under `torch.manual_seed(seed)`. Samples all
     clients each round unless a count or fraction is given.
@@ -212,8 +217,11 @@ def run_simulation(
     `contributions` scores each round's accepted updates into the run store's contribution ledger.
     Metric names: see `fedlearn.metrics`."""
     app = _simulation_app(app, data, client_fn, client_ids, model_fn, initial_state)
-    if isinstance(strategy, str):
-        strategy = make_strategy(strategy)
+    strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy or app.build_strategy()
+    if aggregator is not None:
+        name = aggregator if isinstance(aggregator, str) else getattr(aggregator, "__name__", type(aggregator).__name__)
+        strategy = copy.copy(strategy)  # the caller's (or the app's) strategy object keeps its own aggregator
+        use_aggregator(strategy, make_aggregator(aggregator) if isinstance(aggregator, str) else aggregator, name)
     client_ids = app.simulated_client_ids
     if clients_per_round is None and fraction is None:
         fraction = 1.0
@@ -223,7 +231,7 @@ def run_simulation(
     pool = make_pool(backend, app.client, client_ids, faults, handlers=handlers, ray_address=ray_address,
                      transforms=transforms)
     server = Server(
-        pool, strategy or app.build_strategy(), app.initial(seed), sampler=sampler, min_clients=min_clients,
+        pool, strategy, app.initial(seed), sampler=sampler, min_clients=min_clients,
         max_failed_rounds=max_failed_rounds, anomaly_checks=anomaly_checks, protocol=protocol, max_examples=max_examples,
         transforms=transforms, central_eval=central_eval or app.central_eval, eval_clients=eval_clients, seed=seed,
         contributions=contributions, fit_config=app.fit_config, evaluate_metrics=app.evaluate_metrics,

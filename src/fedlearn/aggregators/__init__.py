@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any
 
 from ..plugins import build_named
-from ..strategies.base import Aggregator
+from ..strategies.base import Aggregator, Strategy
 from ..strategies.fedavg import weighted_mean
 from .centered_clipping import CenteredClipping
 from .fltrust import FLTrust
@@ -37,10 +37,19 @@ def make_aggregator(name: str, **params: Any) -> Aggregator:
     return build_named(AGGREGATORS, "aggregator", name, params)
 
 
+def use_aggregator(strategy: Strategy, aggregator: Aggregator, name: str) -> None:
+    """Replace `strategy`'s weighted mean by `aggregator` (called `name` in messages); `ValueError` for a
+    strategy that combines updates by its own rule."""
+    if not strategy.takes_aggregator:
+        raise ValueError(f"strategy {strategy.name!r} combines updates by its own rule and cannot use the "
+                         f"{name!r} aggregator; use fedavg, fedprox, a FedOpt strategy or scaffold")
+    strategy.aggregator = aggregator
+
+
 def min_updates(aggregator: Aggregator) -> int:
     """The fewest updates per round `aggregator` accepts (1 for plain functions such as the weighted mean)."""
     return int(getattr(aggregator, "min_updates", 1))
 
 
-__all__ = ["AGGREGATORS", "make_aggregator", "min_updates", "CoordinateMedian", "TrimmedMean", "Krum", "Bulyan",
+__all__ = ["AGGREGATORS", "make_aggregator", "use_aggregator", "min_updates", "CoordinateMedian", "TrimmedMean", "Krum", "Bulyan",
            "CenteredClipping", "NormBounding", "FLTrust"]

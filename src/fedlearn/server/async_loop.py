@@ -26,13 +26,14 @@ from typing import Protocol
 import numpy as np
 
 from ..audit.record import update_hashes
+from ..metrics import MetricAggregation, weighted_mean_metrics
 from ..params import Layout
 from ..strategies.base import Strategy
 from ..transforms.base import StopRun, Transform
 from ..types import Config, Failure, Metrics, State, Update
 from .anomaly import AnomalyChecks
 from .pool import ClientPool
-from .round_loop import CentralEval, History, RoundCallback, RoundFailedError
+from .round_loop import CentralEval, History, RoundCallback, RoundFailedError, federated_evaluation
 from .sampling import client_seed
 from .store import RoundEvidence, RoundRecord, RunStore
 from .validate import MAX_COUNT, capped, usable_problem
@@ -92,6 +93,7 @@ class Executor(Protocol):
     """Where asynchronous tasks run and when their results come back."""
 
     now: float
+    pool: ClientPool  # where tasks run; federated evaluation asks its clients too
 
     def idle(self, busy: set[str]) -> list[str]:
         """Clients that could take a task now (in pool order), excluding `busy` ones."""
@@ -115,7 +117,9 @@ class AsyncServer:
 
     `buffer_size` (K): results per server step; `concurrency`: clients training at once; `staleness`: w(s),
     see `staleness_weight`; `max_staleness`: results older than this many steps are dropped (None keeps all).
-    `eval_every`: central / federated evaluation every that many steps (and at the last).
+    `eval_every`: central / federated evaluation every that many steps (and at the last); federated evaluation
+    asks `eval_clients` clients of the executor's pool and combines their metrics by `evaluate_metrics` (the
+    app's rule, as in the round loop).
     """
 
     def __init__(
@@ -132,6 +136,8 @@ class AsyncServer:
         anomaly_checks: AnomalyChecks | None = None,
         central_eval: CentralEval | None = None,
         eval_every: int = 1,
+        eval_clients: int = 0,
+        evaluate_metrics: MetricAggregation = weighted_mean_metrics,
         store: RunStore | None = None,
         seed: int = 0,
         max_examples: int | None = None,
@@ -140,8 +146,8 @@ class AsyncServer:
             raise ValueError(f"buffer_size and concurrency must be >= 1, got {buffer_size} and {concurrency}")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
-        if eval_every < 1:
-            raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+        if eval_every < 1 or eval_clients < 0:
+            raise ValueError(f"eval_every must be >= 1 and eval_clients >= 0, got {eval_every} and {eval_clients}")
         if max_examples is not None and not 1 <= max_examples <= MAX_COUNT:
             raise ValueError(f"max_examples must be in [1, 2**53], got {max_examples}")
         if strategy.client_extras:
@@ -158,6 +164,7 @@ class AsyncServer:
         self.max_staleness = max_staleness
         self.transforms, self.anomaly_checks = list(transforms), anomaly_checks
         self.central_eval, self.eval_every = central_eval, eval_every
+        self.eval_clients, self.evaluate_metrics = eval_clients, evaluate_metrics
         self.store, self.seed, self.max_examples = store, seed, max_examples
         self.step = 0
         self.history = History()
@@ -301,9 +308,13 @@ class AsyncServer:
         losses = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
         if updates and len(losses) == len(updates):
             metrics["train_loss"] = float(np.average(losses, weights=[u.num_examples for u in updates]))
-        if self.central_eval is not None and (final or self.step % self.eval_every == 0):
-            metrics.update({f"test_{k}": float(v) for k, v in self.central_eval(self.state).items()
-                            if k != "num_examples"})
+        if final or self.step % self.eval_every == 0:
+            if self.central_eval is not None:
+                metrics.update({f"test_{k}": float(v) for k, v in self.central_eval(self.state).items()
+                                if k != "num_examples"})
+            if self.eval_clients > 0:
+                metrics.update(federated_evaluation(self.executor.pool, self.state, self.step, self.eval_clients,
+                                                    self.seed, self.evaluate_metrics))
         return metrics
 
     # ----- exact resume

@@ -345,22 +345,29 @@ class Server:
         if self.central_eval is not None:
             metrics.update({f"test_{k}": float(v) for k, v in self.central_eval(state).items() if k != "num_examples"})
         if self.eval_clients > 0:
-            metrics.update(self._federated_eval(state, rnd))
+            metrics.update(federated_evaluation(self.pool, state, rnd, self.eval_clients, self.seed,
+                                                self.evaluate_metrics))
         return metrics
 
-    def _federated_eval(self, state: State, rnd: int) -> Metrics:
-        ids = self.pool.client_ids
-        rng = np.random.default_rng([self.seed, rnd, 1])
-        chosen = [ids[i] for i in np.sort(rng.choice(len(ids), size=min(self.eval_clients, len(ids)), replace=False))]
-        results = [r for r in self.pool.evaluate(state, {c: {"round": rnd} for c in chosen}) if isinstance(r, EvalResult)]
-        usable = []
-        for r in results:
-            problem = count_problem(r.num_examples, minimum=0) or metrics_problem(r.metrics)
-            if problem is not None:
-                log.info("round %d: evaluation result of client %s ignored: %s", rnd, r.client_id, problem)
-            else:
-                usable.append(r)
-        return {f"fed_{k}": float(v) for k, v in self.evaluate_metrics(usable).items()}
+
+
+def federated_evaluation(pool: ClientPool, state: State, rnd: int, eval_clients: int, seed: int,
+                         rule: MetricAggregation) -> Metrics:
+    """Evaluate `state` on `eval_clients` clients of `pool` (seeded by `seed` and `rnd`) and combine their
+    metrics by `rule` (an app's ``evaluate_metrics``) into ``fed_*`` metrics; a result with a bad example count
+    or metric is left out with the reason logged. Both drivers (round loop, FedBuff) call it."""
+    ids = pool.client_ids
+    rng = np.random.default_rng([seed, rnd, 1])
+    chosen = [ids[i] for i in np.sort(rng.choice(len(ids), size=min(eval_clients, len(ids)), replace=False))]
+    results = [r for r in pool.evaluate(state, {c: {"round": rnd} for c in chosen}) if isinstance(r, EvalResult)]
+    usable = []
+    for r in results:
+        problem = count_problem(r.num_examples, minimum=0) or metrics_problem(r.metrics)
+        if problem is not None:
+            log.info("round %d: evaluation result of client %s ignored: %s", rnd, r.client_id, problem)
+        else:
+            usable.append(r)
+    return {f"fed_{k}": float(v) for k, v in rule(usable).items()}
 
 
 def _timeouts(instructions: dict, answered: set[str]) -> list[Failure]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
+from ..analytics.summary import STATISTICS_KEY, SUMMARY, answer_summary
 from ..client import Client, run_fit
 from ..messages import ClientSession, Handler, Message
 from ..server.pool import ClientPool
@@ -35,7 +36,7 @@ class InProcessPool(ClientPool):
         self.client_fn = client_fn
         self._ids = [str(c) for c in client_ids]
         self.faults = faults or FaultInjector()
-        self.handlers = dict(handlers or {})
+        self.handlers = {SUMMARY: answer_summary, **dict(handlers or {})}  # every client answers statistics
         self._memory: dict[str, dict] = {}
 
     @property
@@ -91,7 +92,7 @@ class InProcessPool(ClientPool):
 
     def _trainer(self, cid: str, state: State | None, transforms: Sequence[Transform]) -> Callable[[Config], Update]:
         def fit(config: Config) -> Update:
-            if state is None:
+            if state is None and STATISTICS_KEY not in config:  # a statistics task needs no model
                 raise RuntimeError("this protocol stage carried no model to train")
             return self._fit_one(cid, state, config, transforms)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..aggregators import make_aggregator, min_updates
+from ..aggregators import make_aggregator, min_updates, use_aggregator
 from ..aggregators.fltrust import RootUpdate
 from ..app import TRAINING_KEYS, App
 from ..attacks import Attack, Backdoor, choose_attackers, make_attack
@@ -39,10 +39,11 @@ def robustness_setup(cfg: SimulationConfig, app: App, population: int) -> Robust
     aggregator = _aggregator(cfg, app) if cfg.aggregator else None
     needed = 1
     if aggregator is not None:
-        if not strategy.takes_aggregator:
-            raise ConfigError(f"strategy {strategy.name!r} combines updates by its own rule and cannot use the "
-                              f"{cfg.aggregator!r} aggregator; use fedavg, fedprox, a FedOpt strategy or scaffold")
-        strategy.aggregator, needed = aggregator, min_updates(aggregator)
+        try:
+            use_aggregator(strategy, aggregator, cfg.aggregator)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        needed = min_updates(aggregator)
     cohort = cfg.clients_per_round or max(1, round((cfg.fraction or 1.0) * population))
     if cohort < needed:
         raise ConfigError(f"aggregator {cfg.aggregator!r} with {cfg.aggregator_params} needs at least {needed} updates "

@@ -89,6 +89,10 @@ class TorchClient(Client):
         """Seed of this round's shuffling generator, or None when the data keeps its order."""
         return int(config.get("seed", 0)) if self.shuffle else None
 
+    def local_features(self) -> np.ndarray:
+        """The training inputs as rows of flat features, for federated statistics."""
+        return self.x.reshape(len(self.x), -1).numpy()
+
     def fit(self, state: State, config: Config) -> Update:
         settings = self.sgd_settings(config)
         model = self.model(state)

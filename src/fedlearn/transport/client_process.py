@@ -21,6 +21,7 @@ import grpc
 
 from ..audit.log import AuditError
 from ..audit.receipts import AUDIT_KEY, ReceiptBook, accept_bundle
+from ..analytics.summary import STATISTICS_KEY, SUMMARY, answer_summary
 from ..client import Client, run_fit
 from ..compression import update_codec
 from ..params import Layout
@@ -33,6 +34,18 @@ from .channels import ClientTLS, open_channel, warn_insecure
 from .identity import Identity, check_client_id, hello_message, result_message
 from .wire import (CONNECT_METHOD, KIND_NAMES, MAX_TEXT, PROTOCOL, WireError, chunks, collect, decode_config,
                    encode_metrics, layout_specs)
+
+STATISTICS_POLICIES = ("secure", "plain", "off")
+
+
+def _refuse_statistics(policy: str) -> Handler:
+    """The handler of the plain statistics stage for a client that does not answer it under `policy`."""
+    def refuse(session: object, message: object) -> Message:
+        raise PermissionError("this client answers statistics requests " + (
+            "only inside secure aggregation (--statistics plain allows them in the clear)" if policy == "secure"
+            else "never (--statistics off)"))
+
+    return refuse
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +158,7 @@ def run_client(
     retry_for: float = 600.0,
     receipts: ReceiptBook | None = None,
     audit_key: str | None = None,
+    statistics: str = "secure",
 ) -> str:
     """Serve `client` to the server at `server` (HOST:PORT) until the run is over; returns the server's reason.
 
@@ -157,8 +171,16 @@ def run_client(
     end of the run are checked (signed by `audit_key`, else the key first seen for the run) and kept there; a
     bad bundle fails that task with the reason, so the server learns it and the client does not train for a
     server whose log does not add up; a bad bundle at the end of the run raises `AuditError`.
+
+    `statistics` says which federated-statistics requests the client answers from `client.local_features()`:
+    "secure" only inside secure aggregation (the server learns only the cohort's sum), "plain" also in the clear
+    (the server sees this client's summary), "off" none; a refused request fails with the reason.
     """
-    worker = _Worker(client, transforms, dict(handlers or {}), receipts=receipts, audit_key=audit_key)
+    if statistics not in STATISTICS_POLICIES:
+        raise ValueError(f"statistics must be one of {STATISTICS_POLICIES}, got {statistics!r}")
+    summary = answer_summary if statistics == "plain" else _refuse_statistics(statistics)
+    worker = _Worker(client, transforms, {SUMMARY: summary, **dict(handlers or {})}, receipts=receipts,
+                     audit_key=audit_key, statistics=statistics)
     layout = client.model_layout()  # the server refuses a different model at once, naming the parameter
     if tls is None:
         warn_insecure()
@@ -222,6 +244,7 @@ class _Worker:
     run_id: str = ""
     receipts: ReceiptBook | None = None
     audit_key: str | None = None
+    statistics: str = "secure"  # which statistics requests it answers (see `run_client`)
 
     def join(self, run_id: str) -> None:
         """Note the run of a new connection; a different run gets fresh protocol memory."""
@@ -232,6 +255,8 @@ class _Worker:
         """The encoded result and the seconds of local work (encoding excluded)."""
         start = time.perf_counter()
         if task.header.kind == pb.FIT:
+            if STATISTICS_KEY in task.config and self.statistics != "plain":
+                _refuse_statistics(self.statistics)(None, None)
             codec = update_codec(self.transforms, Layout.of(task.state))  # the model's dtype, or compressed
             self.keep_receipts(task.config, f"round {task.header.round}")
             result, encode = run_fit(self.client, task.state, task.config, self.transforms), partial(encode_update, codec=codec)
@@ -247,8 +272,10 @@ class _Worker:
         return encode(result), seconds
 
     def _fit(self, state: State | None, config: Config) -> Update:
-        if state is None:
+        if state is None and STATISTICS_KEY not in config:  # a statistics task needs no model
             raise RuntimeError("this protocol stage carried no model to train")
+        if STATISTICS_KEY in config and self.statistics == "off":
+            _refuse_statistics("off")(None, None)
         self.keep_receipts(config, f"round {config.get('round', '?')}")
         return run_fit(self.client, state, config, self.transforms)
 

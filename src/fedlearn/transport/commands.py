@@ -72,6 +72,9 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
                         help="refuse secure-aggregation rounds with fewer than N clients (default 2)")
     client.add_argument("--secagg-min-noise", type=float, default=0.0, metavar="Z",
                         help="refuse distributed-DP rounds whose noise multiplier is below Z (default 0)")
+    client.add_argument("--statistics", choices=("secure", "plain", "off"), default="secure",  # run_client's policies
+                        help="federated statistics this client answers: only inside secure aggregation (default), "
+                             "also in the clear (plain), or none (off)")
     client.add_argument("--he-key", type=Path, metavar="SECRET_CONTEXT",
                         help="the secret CKKS context from `fedlearn he-keys` (for a server with [privacy] he = true)")
 
@@ -232,7 +235,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         reason = run_client(client, args.server, identity=bundle.identity, tls=None if args.insecure else bundle.tls,
                             transforms=[CentralDPClient()] if args.central_dp else [], handlers=handlers,
                             retry_for=args.retry_for, receipts=ReceiptBook(args.receipts or args.credentials / "receipts"),
-                            audit_key=args.audit_key)
+                            audit_key=args.audit_key, statistics=args.statistics)
     except (ClientRejected, ConnectionError) as exc:
         print(f"fedlearn: error: {exc}", file=sys.stderr)
         return 1

@@ -165,10 +165,10 @@ class DeploymentServer:
                                wait_timeout=settings.wait_timeout, fit_config=fit_config,
                                receipts=ReceiptIssuer(self.store.audit))
         if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
-            if protocol is not None or sampler is not None or eval_clients:
+            if protocol is not None or sampler is not None:
                 self.store.close()
-                raise ConfigError("asynchronous mode takes no round protocol (secure aggregation), sampler or "
-                                  "federated evaluation: clients train whenever they are connected and idle")
+                raise ConfigError("asynchronous mode takes no round protocol (secure aggregation) or sampler: "
+                                  "clients train whenever they are connected and idle")
             config = run_config or {"asynchronous": asdict(asynchronous), "strategy": type(strategy).__qualname__,
                                     "max_examples": max_examples, "rounds": rounds}
         else:
@@ -189,7 +189,7 @@ class DeploymentServer:
             self.server = AsyncServer(
                 ThreadExecutor(self.pool, self.pool.connected), strategy, initial_state, **asynchronous.server_args(),
                 transforms=transforms, anomaly_checks=anomaly_checks, central_eval=central_eval, store=self.store,
-                seed=seed, max_examples=max_examples)
+                seed=seed, max_examples=max_examples, eval_clients=eval_clients, evaluate_metrics=evaluate_metrics)
         else:
             self.server.attach(self.store)
         self.service = Service(self.pool, settings.allow_list, self.status, handshake_timeout=settings.handshake_timeout,
