@@ -28,6 +28,7 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
     add_app_flags(server)
     server.add_argument("--address", help="HOST:PORT to listen on (overrides [server] address)")
     server.add_argument("--run-dir", help="run directory; restarting on the same one resumes the run")
+    server.add_argument("--rounds", type=positive_int, help="number of rounds (overrides the config's rounds)")
     server.add_argument("--resume", action="store_true",
                         help="continue the run in the run directory for more rounds: the config may raise rounds "
                              "and change nothing else")
@@ -154,6 +155,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     _log_structured()
     cfg, settings = load_server_config(args.config)
     cfg.app = app_settings(args, cfg.to_dict())
+    if args.rounds is not None:
+        cfg.rounds = args.rounds
     cfg.validate()
     for name in ("address", "run_dir"):
         if getattr(args, name):
