@@ -175,7 +175,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"fedlearn: stopped; {_saved(settings.run_dir)} Connected clients keep trying to reconnect; the same "
               f"command resumes the run from its last committed round.", file=sys.stderr)
         return 130
-    print(f"final test accuracy: {result.accuracy:.4f}  ({result.seconds:.1f}s)")
+    print(result.summary())
     print(f"run directory: {result.run_dir}")
     return 0
 
