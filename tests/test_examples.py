@@ -45,3 +45,22 @@ def test_four_hospitals_train_over_grpc_with_secure_aggregation_and_dp(tmp_path)
     assert result["dp_epsilon"] > 1.0
     # the mean of the hospitals' own test AUCs (0.5 is chance; 5-round runs measured 0.67-0.84 over 15 seeds)
     assert result["fed_auc"] > 0.6
+
+
+def test_bank_consortium_class_weights_find_fraud_that_accuracy_hides():
+    """On 5% fraud, the plain model's accuracy is at least the weighted model's, yet class weights raise
+    balanced accuracy and fraud recall by a wide margin; always answering "legitimate" scores 0.94."""
+    table = example("bank_consortium/bank.py").main(["--small"])
+    baseline, plain, weighted = (table[k] for k in ("always 'legitimate'", "FedAvg, plain loss", "FedAvg, class weights"))
+    assert baseline["accuracy"] > 0.93 and baseline["balanced_accuracy"] == 0.5
+    assert plain["accuracy"] >= weighted["accuracy"]
+    assert weighted["balanced_accuracy"] > plain["balanced_accuracy"] + 0.15
+    assert weighted["recall_1"] > plain["recall_1"] + 0.4 and weighted["recall_1"] > 0.6
+    assert weighted["auc"] > 0.8
+
+
+def test_keyboard_model_predicts_the_next_character_better_than_the_most_frequent_one():
+    needs("tinyshakespeare")
+    scores = example("keyboard/keyboard.py").main(["--small"])
+    assert scores["most_frequent_character"] == pytest.approx(0.153, abs=0.01)  # a space
+    assert scores["next_char_accuracy"] > scores["most_frequent_character"] + 0.03
