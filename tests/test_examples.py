@@ -61,6 +61,8 @@ def test_bank_consortium_class_weights_find_fraud_that_accuracy_hides():
 
 def test_keyboard_model_predicts_the_next_character_better_than_the_most_frequent_one():
     needs("tinyshakespeare")
-    scores = example("keyboard/keyboard.py").main(["--small"])
+    scores = example("keyboard/keyboard.py").main(["--small", "--finetune", "1"])
     assert scores["most_frequent_character"] == pytest.approx(0.153, abs=0.01)  # a space
     assert scores["next_char_accuracy"] > scores["most_frequent_character"] + 0.03
+    # each speaker's own accuracy, before and after fine-tuning on its own lines, is a real next-character model
+    assert min(scores["speaker_mean"], scores["finetuned_mean"]) > scores["most_frequent_character"] + 0.03

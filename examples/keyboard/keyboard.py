@@ -14,6 +14,7 @@ Needs ../shared/data/tinyshakespeare/input.txt (or --data FILE); nothing is down
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from torch import nn
 
 import fedlearn
 from fedlearn.data import FederatedDataset, load_shakespeare
+from fedlearn.personalization import ClientStateStore, PersonalTorchClient, compare, per_client_metric
+from fedlearn.types import State
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SEQ_LEN = 40
@@ -60,12 +63,29 @@ def most_frequent_character(data: FederatedDataset) -> float:
     return float(np.mean(data.test[1] == guess))
 
 
+def personalized(app: fedlearn.App, data: FederatedDataset, state: State, epochs: int = 1, lr: float = 0.05):
+    """Each speaker's accuracy on its own test split: of the global model, and of the global model after
+    `epochs` of fine-tuning at learning rate `lr` on the speaker's own training lines
+    (`fedlearn.personalization`, method "finetune")."""
+    store = ClientStateStore(tempfile.mkdtemp(prefix="keyboard-"))
+
+    def tuned(cid: str) -> PersonalTorchClient:
+        x_test, y_test = data.client_test[cid]
+        return PersonalTorchClient(cid, app.model_fn, *data.clients[cid], x_test=x_test, y_test=y_test, store=store,
+                                   method="finetune", finetune_epochs=epochs, **{**app.fit_config, "lr": lr})
+
+    return compare(per_client_metric(tuned, data.client_ids, state),
+                   per_client_metric(app.client, data.client_ids, state))
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="4 speakers, 3 rounds, sparser windows (seconds)")
     parser.add_argument("--rounds", type=int, help="rounds (default 20, 3 with --small)")
     parser.add_argument("--data", type=Path, default=DATA, help="tinyshakespeare's input.txt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+                        help="also fine-tune the final model on each speaker's own lines for EPOCHS and compare")
     args = parser.parse_args(argv)
     count, per_round, stride, rounds = (4, 4, 48, 3) if args.small else (20, 10, 16, 20)
     rounds = args.rounds or rounds
@@ -74,11 +94,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     sizes = [len(y) for _, y in data.clients.values()]
     print(f"{len(sizes)} speakers ({', '.join(data.client_ids[:4])}, ...), {sum(sizes)} training windows "
           f"({min(sizes)}-{max(sizes)} per speaker), {len(data.test[1])} test windows; {per_round} speakers a round")
-    result = fedlearn.run_simulation(app=make_app(data), rounds=rounds, clients_per_round=per_round, seed=args.seed)
+    app = make_app(data)
+    result = fedlearn.run_simulation(app=app, rounds=rounds, clients_per_round=per_round, seed=args.seed)
     scores = {"next_char_accuracy": result.accuracy, "most_frequent_character": most_frequent_character(data),
               "rounds": float(rounds), "seconds": result.seconds}
     print(f"next-character accuracy after {rounds} rounds: {scores['next_char_accuracy']:.3f} "
           f"(always guessing '{' '}': {scores['most_frequent_character']:.3f}); {result.seconds:.0f}s")
+    if args.finetune:
+        report = personalized(app, data, result.final_state, args.finetune)
+        scores.update(speaker_mean=report.baseline_mean, finetuned_mean=report.mean, finetuned_hurt=report.fraction_hurt)
+        print(f"mean over speakers of their own accuracy: {report.baseline_mean:.3f} with the global model, "
+              f"{report.mean:.3f} after {args.finetune} epoch(s) of fine-tuning on their own lines "
+              f"({report.fraction_hurt:.0%} of speakers worse)")
     return scores
 
 
