@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"failed: {exc}; logs in {work}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; every process this script started is stopped; logs in {work}", file=sys.stderr)
+        return 130
     (work / "result.json").write_text(json.dumps(result, indent=1))
     print("result: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     return 0 if result["audit_ok"] else 1
