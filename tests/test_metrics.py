@@ -95,3 +95,26 @@ def test_clients_evaluation_metrics_use_the_apps_rule_and_user_metrics_reach_csv
     assert {"seconds", "test_positive_rate", "fed_worst_accuracy"} <= set(header)
     plotted = [k for keys in plotted_metrics(result.history.rounds).values() for k in keys]
     assert {"test_positive_rate", "fed_worst_accuracy"} <= set(plotted)
+
+
+def test_client_mean_counts_every_client_once_and_a_run_without_server_data_says_so(tmp_path, capsys):
+    from fedlearn import client_mean_metrics
+    from fedlearn.cli import main
+    from fedlearn.types import EvalResult
+
+    results = [EvalResult("big", 900, {"accuracy": 0.9, "auc": 0.8}), EvalResult("small", 100, {"accuracy": 0.5, "auc": 0.6}),
+               EvalResult("empty", 0, {"accuracy": 0.0, "auc": 0.0})]
+    assert client_mean_metrics(results) == pytest.approx({"accuracy": 0.7, "auc": 0.7})  # (0.9 + 0.5) / 2
+    data = _imbalanced(clients=3)
+    app = App.from_data(data, lambda: torch.nn.Linear(5, 2), evaluate_metrics=client_mean_metrics, central_eval=False)
+    result = run_simulation(app=app, rounds=2, eval_clients=3, run_dir=tmp_path)
+    last = result.history.last
+    model = torch.nn.Linear(5, 2)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in result.final_state.items()})
+    own = [classification_metrics(model(torch.as_tensor(x)).detach().numpy(), y) for x, y in data.client_test.values()]
+    assert last["fed_auc"] == pytest.approx(np.mean([m["auc"] for m in own]))
+    assert result.summary().startswith(f"final accuracy (clients' evaluation): {np.mean([m['accuracy'] for m in own]):.4f}")
+    assert main(["report", str(tmp_path)]) == 0  # the report shows the clients' AUC and balanced accuracy too
+    lines = capsys.readouterr().out.splitlines()
+    assert next(line for line in lines if line.startswith("final fed_auc ")).split()[-1] == f"{last['fed_auc']:.4f}"
+    assert any(line.startswith("best fed_balanced_accuracy ") for line in lines)

@@ -7,7 +7,7 @@ from .client import Client
 from .compression import QSGD, Cast, RandomK, TopK
 from .config import ConfigError, SimulationConfig
 from .contributions import ContributionAccounting
-from .metrics import classification_metrics, weighted_mean_metrics
+from .metrics import classification_metrics, client_mean_metrics, weighted_mean_metrics
 from .params import Layout, LayoutError
 from .privacy import CentralDP, LocalDP, gaussian_epsilon, noise_for_epsilon
 from .serialize import SerializationError, decode_state, decode_update, encode_state, encode_update
@@ -34,6 +34,6 @@ __all__ = [
     "AsyncServer", "AsyncSettings", "ThreadExecutor", "staleness_weight", "Fleet", "VirtualClock", "ClockedPool",
     "VirtualExecutor", "WirePool", "QSGD", "TopK", "RandomK", "Cast",
     "verify_run", "ContributionAccounting",
-    "App", "load_app", "classification_metrics", "weighted_mean_metrics",
+    "App", "load_app", "classification_metrics", "weighted_mean_metrics", "client_mean_metrics",
     "federated_statistics", "simulate_statistics", "FederatedStatistics", "StatisticsDP", "Standardizer",
 ]

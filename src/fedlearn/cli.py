@@ -197,8 +197,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"fedlearn: {task}{robust}, {config.rounds} rounds, seed {config.seed}", flush=True)
     result = simulate(config, run_dir=run_dir, resume=resume, show_progress=not args.quiet)
     last = result.history.last
-    print(f"final test accuracy: {result.accuracy:.4f}  "
-          f"(test loss {last.get('test_loss', float('nan')):.4f}, {result.seconds:.1f}s)")
+    print(result.summary())
     if "dp_epsilon" in last:
         print(f"privacy spent: epsilon {last['dp_epsilon']:.3f} over {int(last['dp_rounds'])} noised rounds")
     if "test_backdoor_success" in last:

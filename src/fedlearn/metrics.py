@@ -11,7 +11,8 @@ Every name a round can record (`History.metric(name)`, `metrics.csv`, `fedlearn 
 ``train_loss``         clients' training loss, weighted by their examples
 ``test_<m>``           the server's central evaluation (``App.central_eval``) of the new model
 ``fed_<m>``            clients' evaluation of the new model (``eval_clients`` > 0), combined by the app's
-                       ``evaluate_metrics`` rule (default `weighted_mean_metrics`)
+                       ``evaluate_metrics`` rule (default `weighted_mean_metrics`; `client_mean_metrics`
+                       counts every client once)
 ``round_failed``       1 when too few usable updates arrived and the model was kept
 ``dp_epsilon``         central DP: privacy spent so far (also ``dp_rounds``, ``dp_clip``, ``dp_noise_std``)
 ``ldp_epsilon_max``    local DP: the largest epsilon any client has spent
@@ -46,6 +47,14 @@ def weighted_mean_metrics(results: Sequence[EvalResult]) -> Metrics:
     weights = np.array([r.num_examples for r in results], dtype=np.float64)
     keys = set.intersection(*(set(r.metrics) for r in results)) - {"num_examples"}
     return {k: float(np.average([r.metrics[k] for r in results], weights=weights)) for k in sorted(keys)}
+
+
+def client_mean_metrics(results: Sequence[EvalResult]) -> Metrics:
+    """A rule for clients' evaluation metrics in which every client counts once: the plain mean over the
+    clients of each metric they all reported (FLamby's score: the mean of the clients' own test accuracies).
+    A small site then weighs as much as a large one. Clients with no examples are left out."""
+    results = [r for r in results if r.num_examples > 0]
+    return weighted_mean_metrics([EvalResult(r.client_id, 1, r.metrics) for r in results])
 
 
 PER_CLASS_MAX = 10  # more classes than this: no per-class entries in every round's metrics

@@ -10,8 +10,8 @@ from typing import Any
 from .server.anomaly import flag_counts
 from .server.store import RunStore
 
-_HEADLINE = ("test_accuracy", "test_balanced_accuracy", "test_auc", "test_f1", "test_loss", "fed_accuracy", "fed_loss",
-             "train_loss")
+_HEADLINE = tuple(f"{side}_{m}" for side in ("test", "fed") for m in ("accuracy", "balanced_accuracy", "auc", "f1", "loss")
+                  ) + ("train_loss",)
 
 
 def summarize(run_dir: str | Path) -> dict[str, str]:

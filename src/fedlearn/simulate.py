@@ -62,6 +62,16 @@ class SimulationResult:
         last = self.history.last
         return last.get("test_accuracy", last.get("fed_accuracy", float("nan")))
 
+    def summary(self) -> str:
+        """The line the front doors end with: the final accuracy, saying which evaluation measured it (the
+        server's test set, or the clients' own data when the server holds none), its loss and the time."""
+        last = self.history.last
+        if "test_accuracy" in last or "fed_accuracy" not in last:
+            return (f"final test accuracy: {self.accuracy:.4f}  "
+                    f"(test loss {last.get('test_loss', float('nan')):.4f}, {self.seconds:.1f}s)")
+        return (f"final accuracy (clients' evaluation): {self.accuracy:.4f}  "
+                f"(loss {last.get('fed_loss', float('nan')):.4f}, {self.seconds:.1f}s)")
+
 
 def load_task_data(cfg: SimulationConfig) -> FederatedDataset:
     """The configured data set, split over clients."""

@@ -29,6 +29,7 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
     add_app_flags(server)
     server.add_argument("--address", help="HOST:PORT to listen on (overrides [server] address)")
     server.add_argument("--run-dir", help="run directory; restarting on the same one resumes the run")
+    server.add_argument("--rounds", type=positive_int, help="number of rounds (overrides the config's rounds)")
     server.add_argument("--resume", action="store_true",
                         help="continue the run in the run directory for more rounds: the config may raise rounds "
                              "and change nothing else")
@@ -153,6 +154,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     _log_structured()
     cfg, settings = load_server_config(args.config)
     cfg.app = app_settings(args, cfg.to_dict())
+    if args.rounds is not None:
+        cfg.rounds = args.rounds
     cfg.validate()
     for name in ("address", "run_dir"):
         if getattr(args, name):
@@ -171,7 +174,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"fedlearn: stopped; {_saved(settings.run_dir)} Connected clients keep trying to reconnect; the same "
               f"command resumes the run from its last committed round.", file=sys.stderr)
         return 130
-    print(f"final test accuracy: {result.accuracy:.4f}  ({result.seconds:.1f}s)")
+    print(result.summary())
     print(f"run directory: {result.run_dir}")
     return 0
 
