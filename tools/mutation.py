@@ -63,7 +63,7 @@ TESTS: list[tuple[str, list[str], str]] = [
      "not anomaly and not sampler and not poisson and not statistics and not pass and not threshold"),
     ("src/fedlearn/privacy/dpsgd.py", ["tests/test_privacy.py"], "dpsgd"),
     ("src/fedlearn/privacy/*", ["tests/test_dp_calibration.py", "tests/test_privacy.py"], "not dpsgd"),
-    ("src/fedlearn/secagg/*", ["tests/test_secagg.py"], ""),
+    ("src/fedlearn/secagg/*", ["tests/test_secagg.py", "tests/test_secagg_malicious.py"], ""),
     ("src/fedlearn/serialize.py", ["tests/test_serialize.py", "tests/test_wire_binding.py",
                                    "tests/test_transport_wire.py", "tests/test_strategies_opt.py"],
      "not nonce and not signed_payload and (serial or dtype or decode or update or round_trip or wire or header "
