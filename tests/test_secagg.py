@@ -11,7 +11,7 @@ from fedlearn.aggregators import make_aggregator
 from fedlearn.messages import Message, decode_message, encode_message, from_bytes
 from fedlearn.privacy import CentralDP, SampledGaussian
 from fedlearn.secagg import Identities, Quantizer, SecAggAbort, SecAggClient, SecAggConfig, SecAggError, SecAggProtocol
-from fedlearn.secagg import keys, prg, shamir
+from fedlearn.secagg import keys, prg, quantize, shamir
 from fedlearn.secagg.graph import neighbours
 from fedlearn.secagg.protocol import ADVERTISE, CONSISTENCY, MASKED, SHARE, UNMASK
 from fedlearn.server import ClientSampler, Server
@@ -96,6 +96,17 @@ def test_prg_is_aes_256_in_counter_mode_from_a_zero_counter():
     assert empty.shape == (0,) and empty.dtype == np.uint32
     with pytest.raises(ValueError, match="mask length must be >= 0, got -1"):
         prg.expand(seed, -1)
+
+
+def test_the_cohort_check_allows_sums_up_to_two_to_the_32_minus_one_and_no_more():
+    """4 levels (0..3): 1431655765 clients sum to at most 3 * 1431655765 = 2^32 - 1, the largest ring element
+    (hand arithmetic); one more client could wrap to 0. `max_levels` gives back 4 for that cohort."""
+    cohort = (2**32 - 1) // 3
+    assert 3 * cohort == 2**32 - 1
+    Quantizer(1.0, 4).check_cohort(cohort)
+    with pytest.raises(ValueError, match="would overflow the 2\\^32 ring; use at most 3 levels"):
+        Quantizer(1.0, 4).check_cohort(cohort + 1)
+    assert quantize.max_levels(cohort) == 4 and quantize.max_levels(cohort + 1) == 3 and quantize.max_levels(1) == 2**32
 
 
 @pytest.mark.parametrize("settings, why", [
