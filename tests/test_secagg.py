@@ -406,14 +406,14 @@ def _inflated(handler, cid: str, offset: np.ndarray):
     return handle
 
 
-def _attacked_round(offset: np.ndarray, transforms=()):
+def _attacked_round(offset: np.ndarray, transforms=(), client=VectorClient):
     n = 10
     ids = [str(i) for i in range(n)]
     identities = Identities.generate(ids)
     handlers = SecAggClient(identities.sign, identities.registry).handlers()
     handlers[MASKED] = _inflated(handlers[MASKED], "3", offset)
     protocol = SecAggProtocol(SecAggConfig(graph="full"), identities.registry)
-    server = Server(InProcessPool(lambda cid: VectorClient(cid, DIM), ids, handlers=handlers), make_strategy("fedavg"),
+    server = Server(InProcessPool(lambda cid: client(cid, DIM), ids, handlers=handlers), make_strategy("fedavg"),
                     zero_state(DIM), sampler=ClientSampler(fraction=1.0), protocol=protocol, anomaly_checks=None,
                     transforms=transforms)
     [record] = server.run(1).rounds
@@ -441,6 +441,51 @@ def test_an_input_outside_the_ring_range_is_refused_even_without_dp():
     server, record = _attacked_round(offset)
     assert record.metrics["round_failed"] == 1.0 and np.array_equal(server.params, np.zeros(DIM))
     assert "1 coordinates of the unmasked sum lie outside" in record.note
+
+
+class CeilingClient(VectorClient):
+    """Sends 5 in every coordinate: clipped to the range 1, so every coordinate encodes to the top level L - 1."""
+
+    def fit(self, state, config):
+        return Update(self.cid, int(config["round"]), np.full(self.dim, 5.0), 10)
+
+
+@pytest.mark.parametrize("excess", [0, 1])
+def test_the_ring_range_check_allows_exactly_n_times_the_top_level(excess):
+    """10 clients all at the top level L - 1 sum to 10 (L - 1) in every coordinate: the most 10 in-range inputs
+    can reach, accepted (the mean update is the clip range 1); one unit more in one coordinate is refused."""
+    offset = np.zeros(DIM + len(SecAggConfig().fields), dtype=np.uint32)
+    offset[7] = excess
+    server, record = _attacked_round(offset, client=CeilingClient)
+    if excess:
+        assert record.metrics["round_failed"] == 1.0 and np.array_equal(server.params, np.zeros(DIM))
+        assert "1 coordinates of the unmasked sum lie outside what 10 clients" in record.note
+    else:
+        assert "round_failed" not in record.metrics
+        np.testing.assert_allclose(server.params, np.ones(DIM), atol=1e-9)
+
+
+def test_a_forged_key_advertisement_costs_only_its_sender():
+    """Client 2 signs its advertisement with garbage: the server rejects it with the reason, and the other five
+    finish the round with the sum of their own updates."""
+    n = 6
+    server, protocol = secagg_server(n, SecAggConfig(graph="full"))
+    handlers = server.pool.handlers
+    honest = handlers[ADVERTISE]
+
+    def forged(session, message):
+        reply = honest(session, message)
+        if session.cid == "2":
+            reply.tensors["signature"] = np.zeros_like(reply.tensors["signature"])
+        return reply
+
+    handlers[ADVERTISE] = forged
+    [record] = server.run(1).rounds
+    [failure] = record.failures
+    assert failure.client_id == "2" and failure.kind == "rejected" and "bad signature" in failure.reason
+    others = [c for c in map(str, range(n)) if c != "2"]
+    assert sorted(record.participants) == others
+    assert np.abs(protocol.last_sum - plain_sum(others)).max() <= n * SecAggConfig().quantizer(n).step
 
 
 # distributed DP
