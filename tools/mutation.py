@@ -57,6 +57,7 @@ SKIP_FILES = ("*/__init__.py", "*_pb2.py")
 # train to an accuracy or wait on timeouts are left to CI (SLOW), so that a mutant costs seconds, not minutes.
 SLOW = ("fedprox_beats or reaches_93 or converges_with_30 or tracks_the_target_quantile or simulate_accounts "
         "or killed_run_resumes or fuzz_mutated or noise_helper or fedadam_selected or heart_disease")
+PROCESS_TESTS = ["tests/test_transport_security.py", "tests/test_error_messages.py", "tests/test_transport_processes.py"]
 TESTS: list[tuple[str, list[str], str]] = [
     ("src/fedlearn/strategies/*", ["tests/test_strategy_settings.py", "tests/test_strategies_opt.py",
                                    "tests/test_round_loop.py", "tests/test_crash_consistency.py"],
@@ -82,6 +83,13 @@ TESTS: list[tuple[str, list[str], str]] = [
     ("src/fedlearn/transport/identity.py", ["tests/test_transport_wire.py", "tests/test_wire_binding.py",
                                             "tests/test_transport_security.py"], "not fuzz"),
     ("src/fedlearn/transport/secagg_handlers.py", ["tests/test_transport_secagg.py"], ""),
+    ("src/fedlearn/transport/certs.py", ["tests/test_file_modes.py", "tests/test_transport_security.py",
+                                        "tests/test_wire_binding.py"], ""),
+    ("src/fedlearn/transport/commands.py", ["tests/test_error_messages.py", "tests/test_file_modes.py",
+                                           "tests/test_deployment_resilience.py"], ""),
+    ("src/fedlearn/transport/client_process.py", PROCESS_TESTS, "not 100_megabyte"),
+    ("src/fedlearn/transport/server_process.py", PROCESS_TESTS, "not 100_megabyte"),
+    ("src/fedlearn/transport/client_factory.py", ["tests/test_transport_processes.py"], "five_client"),
     ("src/fedlearn/transport/*", ["tests/test_transport_security.py", "tests/test_wire_binding.py",
                                   "tests/test_transport_processes.py"], ""),
 ]
@@ -195,7 +203,7 @@ def _sites(tree: ast.Module) -> list[_Site]:
                                lambda n: ast.Name(SWAP_NAME[n.id], ast.Load())))
         elif isinstance(node, ast.If):
             sites.append(_Site(index, "drop-guard", lambda n: _replace(n, test=ast.Constant(False))))
-        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and not _is_logging_call(node.value):
             sites.append(_Site(index, "drop-call", lambda n: ast.Pass()))
     return sites
 
