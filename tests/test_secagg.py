@@ -100,13 +100,17 @@ def test_prg_is_aes_256_in_counter_mode_from_a_zero_counter():
 
 def test_the_cohort_check_allows_sums_up_to_two_to_the_32_minus_one_and_no_more():
     """4 levels (0..3): 1431655765 clients sum to at most 3 * 1431655765 = 2^32 - 1, the largest ring element
-    (hand arithmetic); one more client could wrap to 0. `max_levels` gives back 4 for that cohort."""
+    (hand arithmetic); one more client could wrap around. `max_levels` gives back 4 for that cohort. A sum of
+    exactly 2^32 is already one too many: it reads as 0."""
     cohort = (2**32 - 1) // 3
     assert 3 * cohort == 2**32 - 1
     Quantizer(1.0, 4).check_cohort(cohort)
     with pytest.raises(ValueError, match="would overflow the 2\\^32 ring; use at most 3 levels"):
         Quantizer(1.0, 4).check_cohort(cohort + 1)
     assert quantize.max_levels(cohort) == 4 and quantize.max_levels(cohort + 1) == 3 and quantize.max_levels(1) == 2**32
+    with pytest.raises(ValueError, match="would overflow"):  # 2^16 clients x top level 2^16 = 2^32, which wraps to 0
+        Quantizer(1.0, 2**16 + 1).check_cohort(2**16)
+    Quantizer(1.0, 2**16 + 1).check_cohort(2**16 - 1)
 
 
 @pytest.mark.parametrize("settings, why", [
