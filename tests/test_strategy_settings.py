@@ -340,3 +340,21 @@ def test_hyperparameters_at_the_edges_of_their_ranges():
     assert FedAvgM(momentum=0.0).server_optimizer.momentum == 0.0
     adam = ServerAdam(0.1)  # the paper's defaults
     assert (adam.beta1, adam.beta2, adam.tau) == (0.9, 0.99, 1e-3)
+
+
+def test_each_round_hands_its_starting_model_to_an_aggregator_that_needs_it():
+    """FLTrust through FedAvg over two rounds, with root update r(x) = (2, 0) - x, by hand. Round 1 from x = 0:
+    r = (2, 0); (3, 4) has cosine 3/5 and is rescaled to |r| = 2: (1.2, 1.6); (-1, 0) points away, weight 0.
+    Round 2 from x = (1.2, 1.6): r = (0.8, -1.6), parallel to (1, -2), which is rescaled to |r|: (0.8, -1.6).
+    A stale root update (2, 0) would give 2 / sqrt(5) * (1, -2) instead."""
+    from fedlearn.aggregators.fltrust import FLTrust
+
+    strategy = FedAvg()
+    strategy.aggregator = FLTrust(lambda x: np.array([2.0, 0.0]) - x)
+    x = np.zeros(2)
+    strategy.begin_round(1, x)
+    x = strategy.apply(x, strategy.aggregate(_updates([[3.0, 4.0], [-1.0, 0.0]], [1, 1])))
+    np.testing.assert_allclose(x, [1.2, 1.6], rtol=1e-12)
+    strategy.begin_round(2, x)
+    step = strategy.aggregate(_updates([[1.0, -2.0]], [1]))
+    np.testing.assert_allclose(step, [0.8, -1.6], rtol=1e-12)
