@@ -72,6 +72,7 @@ TESTS: list[tuple[str, list[str], str]] = [
     ("src/fedlearn/server/anomaly.py", ["tests/test_anomaly.py", "tests/test_strategy_settings.py"],
      "anomaly or min_updates or pass or threshold or flag or crowd or outlier"),
     ("src/fedlearn/server/sampling.py", ["tests/test_strategy_settings.py", "tests/test_round_loop.py"], ""),
+    ("src/fedlearn/server/async_loop.py", ["tests/test_async.py"], ""),
     ("src/fedlearn/server/store.py", ["tests/test_server_edges.py", "tests/test_crash_consistency.py", "tests/test_strategies_opt.py",
                                       "tests/test_cli_and_store.py", "tests/test_privacy.py"],
      "killed or store or resume or budget or round_zero"),
