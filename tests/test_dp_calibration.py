@@ -376,3 +376,12 @@ def test_adaptive_clipping_settings_at_their_edges_are_refused():
                          (dict(count_noise=0.0), "count noise must be > 0")]:
         with pytest.raises(ValueError, match=message):
             AdaptiveClipping(**bad)
+
+
+def test_a_target_epsilon_below_one_is_a_valid_target_and_zero_is_not():
+    from fedlearn.privacy import PrivacyConfig
+
+    assert PrivacyConfig(dp_clip=1.0, target_epsilon=0.5).target_epsilon == 0.5  # strong privacy is allowed
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="target_epsilon must be > 0"):
+            PrivacyConfig(dp_clip=1.0, target_epsilon=bad)

@@ -10,10 +10,10 @@ from fedlearn import InProcessPool, Update, simulate
 from fedlearn.aggregators import make_aggregator
 from fedlearn.messages import Message, decode_message, encode_message, from_bytes
 from fedlearn.privacy import CentralDP, SampledGaussian
-from fedlearn.secagg import Identities, Quantizer, SecAggAbort, SecAggClient, SecAggConfig, SecAggProtocol
-from fedlearn.secagg import keys, prg, shamir
+from fedlearn.secagg import Identities, Quantizer, SecAggAbort, SecAggClient, SecAggConfig, SecAggError, SecAggProtocol
+from fedlearn.secagg import keys, prg, quantize, shamir
 from fedlearn.secagg.graph import neighbours
-from fedlearn.secagg.protocol import ADVERTISE, MASKED, SHARE, UNMASK
+from fedlearn.secagg.protocol import ADVERTISE, CONSISTENCY, MASKED, SHARE, UNMASK
 from fedlearn.server import ClientSampler, Server
 from fedlearn.server.protocol import RoundAborted
 from fedlearn.strategies import make_strategy
@@ -79,6 +79,58 @@ def test_prg_is_seeded_by_the_whole_key_and_uniform():
     assert chi2 < 110  # df 63: p ~ 0.0002
     with pytest.raises(ValueError, match="32 bytes"):
         prg.expand(b"short", 10)
+
+
+def test_prg_is_aes_256_in_counter_mode_from_a_zero_counter():
+    """Pinned to AES-256 applied block by block (ECB) to the counter values 0 and 1, read as little-endian
+    uint32: an independent construction of the same keystream. Zero length is an empty mask, negative refused."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed = bytes(range(100, 132))
+    ecb = Cipher(algorithms.AES(seed), modes.ECB()).encryptor()
+    counters = (0).to_bytes(16, "big") + (1).to_bytes(16, "big")
+    expected = np.frombuffer(ecb.update(counters) + ecb.finalize(), dtype="<u4")
+    np.testing.assert_array_equal(prg.expand(seed, 8), expected)
+    np.testing.assert_array_equal(prg.expand(seed, 5), expected[:5])
+    empty = prg.expand(seed, 0)
+    assert empty.shape == (0,) and empty.dtype == np.uint32
+    with pytest.raises(ValueError, match="mask length must be >= 0, got -1"):
+        prg.expand(seed, -1)
+
+
+def test_the_cohort_check_allows_sums_up_to_two_to_the_32_minus_one_and_no_more():
+    """4 levels (0..3): 1431655765 clients sum to at most 3 * 1431655765 = 2^32 - 1, the largest ring element
+    (hand arithmetic); one more client could wrap around. `max_levels` gives back 4 for that cohort. A sum of
+    exactly 2^32 is already one too many: it reads as 0."""
+    cohort = (2**32 - 1) // 3
+    assert 3 * cohort == 2**32 - 1
+    Quantizer(1.0, 4).check_cohort(cohort)
+    with pytest.raises(ValueError, match="would overflow the 2\\^32 ring; use at most 3 levels"):
+        Quantizer(1.0, 4).check_cohort(cohort + 1)
+    assert quantize.max_levels(cohort) == 4 and quantize.max_levels(cohort + 1) == 3 and quantize.max_levels(1) == 2**32
+    with pytest.raises(ValueError, match="would overflow"):  # 2^16 clients x top level 2^16 = 2^32, which wraps to 0
+        Quantizer(1.0, 2**16 + 1).check_cohort(2**16)
+    Quantizer(1.0, 2**16 + 1).check_cohort(2**16 - 1)
+
+
+@pytest.mark.parametrize("settings, why", [
+    ({"threshold": 1.0}, "threshold must be in"), ({"threshold": 0.49}, "threshold must be in"),
+    ({"degree": 3}, "even number >= 2"), ({"degree": 0}, "even number >= 2"), ({"graph": "ring"}, "graph must be"),
+    ({"deadline": 0}, "deadlines must be positive"), ({"train_deadline": -1.0}, "deadlines must be positive"),
+    ({"fields": (("loss", 0.0, 1.0), ("loss", 0.0, 2.0))}, "distinct names"),
+    ({"fields": (("loss", 1.0, 1.0),)}, "finite bounds low < high"),
+    ({"fields": (("loss", 0.0, float("inf")),)}, "finite bounds low < high"),
+    ({"fields": tuple((f"m{i}", 0.0, 1.0) for i in range(65))}, "at most 64"),
+])
+def test_secagg_config_refuses_unsafe_or_broken_settings(settings, why):
+    with pytest.raises(ValueError, match=why):
+        SecAggConfig(**settings)
+
+
+def test_secagg_config_accepts_the_edges_of_its_ranges():
+    for settings in ({"threshold": 0.5}, {"threshold": 0.99}, {"degree": 2}, {"deadline": 1e-3},
+                     {"fields": tuple((f"m{i}", -1.0, 1.0) for i in range(64))}, {"fields": ()}):
+        SecAggConfig(**settings)
 
 
 def test_stochastic_quantisation_is_unbiased_and_guards_the_ring():
@@ -224,6 +276,59 @@ def test_clients_refuse_unsafe_plans_and_out_of_order_stages():
     assert "before the survivor set was confirmed" in skipped.reason
 
 
+def _shared(n: int):
+    """`_advertised`, then every client shares with every other: each client's inbox for the masking stage."""
+    ids, pool, adverts = _advertised(n)
+    shared = pool.exchange({c: Message(SHARE, {f"{kind}/{j}": adverts[j].tensors[name] for j in ids if j != c
+                                                for kind, name in (("c_pk", "c_pk"), ("s_pk", "s_pk"),
+                                                                   ("sig", "signature"))}, {"round": 1})
+                            for c in ids})
+    inbox = {c: {f"from/{j}": shared[j].tensors[f"to/{c}"] for j in ids if j != c} for c in ids}
+    return ids, pool, inbox
+
+
+def _masked(pool, inbox, sharers, to):
+    return pool.exchange({c: Message(MASKED, {k: v for k, v in inbox[c].items() if k[5:] in sharers},
+                                     {"round": 1, "sharers": sharers, "config": {"round": 1, "seed": 0}})
+                          for c in to}, state=zero_state(DIM))
+
+
+def test_a_client_unmasks_once_per_round_and_refuses_a_replayed_unmask_request():
+    """Driving four honest clients through every stage by hand: each answers the unmask request with the seed
+    shares of the survivors, then forgets the round's secrets, so the same request sent again (a replay by the
+    server or by anyone on the path) is refused instead of revealing the shares a second time."""
+    ids, pool, inbox = _shared(4)
+    _masked(pool, inbox, ids, ids)
+    confirmed = pool.exchange({c: Message(CONSISTENCY, meta={"round": 1, "survivors": ids}) for c in ids})
+    unmask = Message(UNMASK, {f"sig/{j}": confirmed[j].tensors["signature"] for j in ids}, {"round": 1, "survivors": ids})
+    first = pool.exchange({"0": unmask})["0"]
+    assert sorted(first.tensors) == [f"b/{j}" for j in ids]  # a seed share of every survivor, no mask-key share
+    again = pool.exchange({"0": unmask})["0"]
+    assert again.kind == "crash" and "without a matching key advertisement" in again.reason
+
+
+def test_a_client_masks_with_exactly_threshold_minus_one_live_neighbours_and_not_with_fewer():
+    """Five clients, threshold 3 of 5 share holders (a majority, by hand): with itself and two neighbours that
+    shared keys, client 0's seed can still be recovered, so it masks; with one neighbour it refuses."""
+    ids, pool, inbox = _shared(5)
+    enough = _masked(pool, inbox, ["0", "1", "2"], ["0"])["0"]
+    assert isinstance(enough, Message) and enough.tensors["masked"].size > DIM
+    ids, pool, inbox = _shared(5)
+    too_few = _masked(pool, inbox, ["0", "1"], ["0"])["0"]
+    assert too_few.kind == "crash" and "only 1 neighbours shared keys; the threshold is 3" in too_few.reason
+
+
+@pytest.mark.parametrize("clip", [0, 0.0, -1.0, float("nan"), float("inf"), "1.0", None])
+def test_distributed_dp_needs_a_positive_finite_clip_norm_from_the_server(clip):
+    from fedlearn.secagg.client import encode_masked_input
+
+    plan = SecAggProtocol(SecAggConfig(graph="full"), {}, noise=1.0).plan(1, ["0", "1", "2", "3"])
+    config = {} if clip is None else {"dp_clip": clip}
+    with pytest.raises(SecAggError, match="no valid clip norm"):
+        encode_masked_input(plan, np.zeros(3), {}, config, np.random.default_rng(0))
+    assert encode_masked_input(plan, np.zeros(3), {}, {"dp_clip": 1e-9}, np.random.default_rng(0)).size > 3
+
+
 def test_robust_aggregators_are_refused_with_the_reason():
     strategy = make_strategy("fedavg")
     strategy.aggregator = make_aggregator("median")
@@ -305,14 +410,14 @@ def _inflated(handler, cid: str, offset: np.ndarray):
     return handle
 
 
-def _attacked_round(offset: np.ndarray, transforms=()):
+def _attacked_round(offset: np.ndarray, transforms=(), client=VectorClient):
     n = 10
     ids = [str(i) for i in range(n)]
     identities = Identities.generate(ids)
     handlers = SecAggClient(identities.sign, identities.registry).handlers()
     handlers[MASKED] = _inflated(handlers[MASKED], "3", offset)
     protocol = SecAggProtocol(SecAggConfig(graph="full"), identities.registry)
-    server = Server(InProcessPool(lambda cid: VectorClient(cid, DIM), ids, handlers=handlers), make_strategy("fedavg"),
+    server = Server(InProcessPool(lambda cid: client(cid, DIM), ids, handlers=handlers), make_strategy("fedavg"),
                     zero_state(DIM), sampler=ClientSampler(fraction=1.0), protocol=protocol, anomaly_checks=None,
                     transforms=transforms)
     [record] = server.run(1).rounds
@@ -340,6 +445,51 @@ def test_an_input_outside_the_ring_range_is_refused_even_without_dp():
     server, record = _attacked_round(offset)
     assert record.metrics["round_failed"] == 1.0 and np.array_equal(server.params, np.zeros(DIM))
     assert "1 coordinates of the unmasked sum lie outside" in record.note
+
+
+class CeilingClient(VectorClient):
+    """Sends 5 in every coordinate: clipped to the range 1, so every coordinate encodes to the top level L - 1."""
+
+    def fit(self, state, config):
+        return Update(self.cid, int(config["round"]), np.full(self.dim, 5.0), 10)
+
+
+@pytest.mark.parametrize("excess", [0, 1])
+def test_the_ring_range_check_allows_exactly_n_times_the_top_level(excess):
+    """10 clients all at the top level L - 1 sum to 10 (L - 1) in every coordinate: the most 10 in-range inputs
+    can reach, accepted (the mean update is the clip range 1); one unit more in one coordinate is refused."""
+    offset = np.zeros(DIM + len(SecAggConfig().fields), dtype=np.uint32)
+    offset[7] = excess
+    server, record = _attacked_round(offset, client=CeilingClient)
+    if excess:
+        assert record.metrics["round_failed"] == 1.0 and np.array_equal(server.params, np.zeros(DIM))
+        assert "1 coordinates of the unmasked sum lie outside what 10 clients" in record.note
+    else:
+        assert "round_failed" not in record.metrics
+        np.testing.assert_allclose(server.params, np.ones(DIM), atol=1e-9)
+
+
+def test_a_forged_key_advertisement_costs_only_its_sender():
+    """Client 2 signs its advertisement with garbage: the server rejects it with the reason, and the other five
+    finish the round with the sum of their own updates."""
+    n = 6
+    server, protocol = secagg_server(n, SecAggConfig(graph="full"))
+    handlers = server.pool.handlers
+    honest = handlers[ADVERTISE]
+
+    def forged(session, message):
+        reply = honest(session, message)
+        if session.cid == "2":
+            reply.tensors["signature"] = np.zeros_like(reply.tensors["signature"])
+        return reply
+
+    handlers[ADVERTISE] = forged
+    [record] = server.run(1).rounds
+    [failure] = record.failures
+    assert failure.client_id == "2" and failure.kind == "rejected" and "bad signature" in failure.reason
+    others = [c for c in map(str, range(n)) if c != "2"]
+    assert sorted(record.participants) == others
+    assert np.abs(protocol.last_sum - plain_sum(others)).max() <= n * SecAggConfig().quantizer(n).step
 
 
 # distributed DP

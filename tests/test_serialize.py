@@ -230,3 +230,15 @@ def test_layout_round_trip_and_mismatch():
         layout.flatten(bad)
     assert Layout.from_json(layout.to_json()) == layout
     assert hashlib.sha256(encode_state(state)).digest() == hashlib.sha256(encode_state(back)).digest()
+
+
+def test_a_cut_or_padded_payload_is_named_as_such_before_the_checksum():
+    """Two float64 values: a 16-byte payload. One byte fewer or more is reported with both sizes, so an operator
+    sees a transfer that was cut, not a vague corruption."""
+    from fedlearn.serialize import SerializationError, decode_tensors, encode_tensors
+
+    data = encode_tensors({"x": np.array([1.0, 2.0])}, {})
+    with pytest.raises(SerializationError, match="payload is 15 bytes, header says 16"):
+        decode_tensors(data[:-1])
+    with pytest.raises(SerializationError, match="payload is 17 bytes, header says 16"):
+        decode_tensors(data + b"\x00")

@@ -91,3 +91,11 @@ def test_a_run_store_creates_its_nested_folder(tmp_path):
     store.set_meta("config", {"x": 1})
     assert store.get_meta("config") == {"x": 1} and store.get_meta("missing", 7) == 7
     store.close()
+
+
+def test_a_client_sent_value_is_shown_whole_up_to_40_characters_and_cut_after():
+    from fedlearn.server.validate import describe
+
+    assert describe("x" * 38) == "'" + "x" * 38 + "'"  # repr: 40 characters, shown whole
+    assert describe("x" * 39) == "'" + "x" * 36 + "..."  # 41 would be too long: 37 characters and an ellipsis
+    assert describe(2**65) == "an integer of 66 bits" and describe(2**63) == str(2**63)

@@ -340,3 +340,65 @@ def test_hyperparameters_at_the_edges_of_their_ranges():
     assert FedAvgM(momentum=0.0).server_optimizer.momentum == 0.0
     adam = ServerAdam(0.1)  # the paper's defaults
     assert (adam.beta1, adam.beta2, adam.tau) == (0.9, 0.99, 1e-3)
+
+
+def test_each_round_hands_its_starting_model_to_an_aggregator_that_needs_it():
+    """FLTrust through FedAvg over two rounds, with root update r(x) = (2, 0) - x, by hand. Round 1 from x = 0:
+    r = (2, 0); (3, 4) has cosine 3/5 and is rescaled to |r| = 2: (1.2, 1.6); (-1, 0) points away, weight 0.
+    Round 2 from x = (1.2, 1.6): r = (0.8, -1.6), parallel to (1, -2), which is rescaled to |r|: (0.8, -1.6).
+    A stale root update (2, 0) would give 2 / sqrt(5) * (1, -2) instead."""
+    from fedlearn.aggregators.fltrust import FLTrust
+
+    strategy = FedAvg()
+    strategy.aggregator = FLTrust(lambda x: np.array([2.0, 0.0]) - x)
+    x = np.zeros(2)
+    strategy.begin_round(1, x)
+    x = strategy.apply(x, strategy.aggregate(_updates([[3.0, 4.0], [-1.0, 0.0]], [1, 1])))
+    np.testing.assert_allclose(x, [1.2, 1.6], rtol=1e-12)
+    strategy.begin_round(2, x)
+    step = strategy.aggregate(_updates([[1.0, -2.0]], [1]))
+    np.testing.assert_allclose(step, [0.8, -1.6], rtol=1e-12)
+
+
+def test_only_a_streaming_aggregator_gets_a_running_aggregate_and_it_is_the_weighted_mean():
+    """FedAvg's weighted mean folds update by update: (1 * (1, 2) + 3 * (5, -2)) / 4 = (4, -1) by hand. A median,
+    or any aggregator that does not say it streams, gets the whole stack instead (no running aggregate)."""
+    from fedlearn.aggregators import make_aggregator
+
+    running = FedAvg().running_aggregate()
+    running.add(np.array([1.0, 2.0]), 1)
+    running.add(np.array([5.0, -2.0]), 3)
+    np.testing.assert_allclose(running.result(), [4.0, -1.0], rtol=1e-12)
+    median = FedAvg()
+    median.aggregator = make_aggregator("median")
+    plain = FedAvg()
+    plain.aggregator = lambda deltas, weights: deltas.mean(axis=0)  # says nothing about streaming
+    assert median.running_aggregate() is None and plain.running_aggregate() is None
+
+
+def test_fedadam_defaults_give_the_hand_computed_first_step():
+    """Reddi et al.'s defaults (server lr 0.01, beta1 0.9, beta2 0.99, tau 1e-3), first step from x = 0 with
+    delta = 1: m = 0.1, v = 0.99 tau^2 + 0.01 = 0.01000099, x = 0.01 * 0.1 / (sqrt(v) + tau)."""
+    x = FedAdam().apply(np.zeros(1), np.ones(1))
+    expected = 0.01 * 0.1 / (np.sqrt(0.99e-6 + 0.01) + 1e-3)
+    np.testing.assert_allclose(x, [expected], rtol=1e-12)
+    assert abs(expected - 0.0099005) < 1e-7
+
+
+def test_fedprox_sends_its_default_mu_and_fednova_refuses_a_momentum_of_one():
+    assert FedProx().configure_fit(1, "c0")["proximal_mu"] == 0.01
+    assert FedProx(mu=0.5).configure_fit(1, "c0")["proximal_mu"] == 0.5
+    FedNova(local_momentum=0.99)
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"local_momentum must be in \[0, 1\)"):
+            FedNova(local_momentum=bad)
+
+
+def test_scaffold_loads_a_state_saved_before_any_client_reported():
+    """A store whose strategy state has no SCAFFOLD tables (a resume from round 0) gives a fresh strategy: no
+    correction for anyone, and the first clients start the table."""
+    strategy = Scaffold()
+    strategy.load_state_dict({})
+    assert strategy.correction("c0") == 0.0 and strategy.client_ids == []
+    strategy.aggregate(_updates([[1.0, 2.0]], [2], [[0.5, -0.5]]))
+    np.testing.assert_allclose(strategy.correction("c9"), [0.5, -0.5])

@@ -497,3 +497,52 @@ def test_protocol_stages_reach_client_handlers_over_the_wire(served):
     served.pool.finish("done")
     for thread in threads:
         thread.join(5)
+
+
+def _message_of_exactly(size: int) -> bytes:
+    """An encoded protocol message of exactly `size` bytes (a uint8 tensor sized to fill it)."""
+    from fedlearn.messages import Message, encode_message
+
+    def encoded(n):
+        return encode_message(Message("stage", {"blob": np.zeros(n, np.uint8)}))
+
+    guess = size - len(encoded(size))  # the header's length depends on the digits of the shape only
+    data = encoded(size + guess)
+    assert len(data) == size
+    return data
+
+
+def test_a_stage_reply_of_64_mib_is_accepted_and_one_byte_more_is_refused_before_it_is_read(served):
+    """A protocol stage without a model may answer with up to 64 MiB (MAX_REPLY_BYTES, written out here by hand):
+    exactly that much arrives and decodes; a declaration one byte larger ends the stream with the reason before
+    a single chunk is read (the client sends no chunk, so a server with a larger limit would leave it waiting)."""
+    from fedlearn.messages import Message
+
+    limit = 64 * 1024 * 1024
+    alice = served.connect("alice")
+    stage = {"alice": Message("stage", meta={"round": 1})}
+    future = served.executor.submit(served.pool.exchange, stage, deadline=20)
+    task = alice.next_task()
+    payload = _message_of_exactly(limit)
+    assert send(alice, alice.result_header(task.header, payload), payload).accepted
+    reply = future.result(20)["alice"]
+    assert reply.kind == "stage" and limit - 4096 < reply.tensors["blob"].nbytes < limit
+    assert not reply.tensors["blob"].any()
+    del payload, reply
+
+    future = served.executor.submit(served.pool.exchange, {"alice": Message("stage", meta={"round": 2})}, deadline=5)
+    task = alice.next_task()
+    header = alice.result_header(task.header, b"")
+    header.payload_bytes = limit + 1
+    alice.send(pb.ClientMessage(result=alice.sign(header)))
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(alice.read_ack)
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                pending.result(10)  # a TimeoutError here: the server is still waiting for the chunks
+        finally:
+            alice.close()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"payload of {limit + 1} bytes exceeds the limit of {limit} bytes" in err.value.details()
+    failure = future.result(10)["alice"]
+    assert failure.kind == "drop"

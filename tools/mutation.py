@@ -57,13 +57,14 @@ SKIP_FILES = ("*/__init__.py", "*_pb2.py")
 # train to an accuracy or wait on timeouts are left to CI (SLOW), so that a mutant costs seconds, not minutes.
 SLOW = ("fedprox_beats or reaches_93 or converges_with_30 or tracks_the_target_quantile or simulate_accounts "
         "or killed_run_resumes or fuzz_mutated or noise_helper or fedadam_selected or heart_disease")
+PROCESS_TESTS = ["tests/test_transport_security.py", "tests/test_error_messages.py"]
 TESTS: list[tuple[str, list[str], str]] = [
     ("src/fedlearn/strategies/*", ["tests/test_strategy_settings.py", "tests/test_strategies_opt.py",
                                    "tests/test_round_loop.py", "tests/test_crash_consistency.py"],
      "not anomaly and not sampler and not poisson and not statistics and not pass and not threshold"),
     ("src/fedlearn/privacy/dpsgd.py", ["tests/test_privacy.py"], "dpsgd"),
     ("src/fedlearn/privacy/*", ["tests/test_dp_calibration.py", "tests/test_privacy.py"], "not dpsgd"),
-    ("src/fedlearn/secagg/*", ["tests/test_secagg.py"], ""),
+    ("src/fedlearn/secagg/*", ["tests/test_secagg.py", "tests/test_secagg_malicious.py"], ""),
     ("src/fedlearn/serialize.py", ["tests/test_serialize.py", "tests/test_wire_binding.py",
                                    "tests/test_transport_wire.py", "tests/test_strategies_opt.py"],
      "not nonce and not signed_payload and (serial or dtype or decode or update or round_trip or wire or header "
@@ -71,6 +72,7 @@ TESTS: list[tuple[str, list[str], str]] = [
     ("src/fedlearn/server/anomaly.py", ["tests/test_anomaly.py", "tests/test_strategy_settings.py"],
      "anomaly or min_updates or pass or threshold or flag or crowd or outlier"),
     ("src/fedlearn/server/sampling.py", ["tests/test_strategy_settings.py", "tests/test_round_loop.py"], ""),
+    ("src/fedlearn/server/async_loop.py", ["tests/test_async.py"], ""),
     ("src/fedlearn/server/store.py", ["tests/test_server_edges.py", "tests/test_crash_consistency.py", "tests/test_strategies_opt.py",
                                       "tests/test_cli_and_store.py", "tests/test_privacy.py"],
      "killed or store or resume or budget or round_zero"),
@@ -82,8 +84,13 @@ TESTS: list[tuple[str, list[str], str]] = [
     ("src/fedlearn/transport/identity.py", ["tests/test_transport_wire.py", "tests/test_wire_binding.py",
                                             "tests/test_transport_security.py"], "not fuzz"),
     ("src/fedlearn/transport/secagg_handlers.py", ["tests/test_transport_secagg.py"], ""),
-    ("src/fedlearn/transport/*", ["tests/test_transport_security.py", "tests/test_wire_binding.py",
-                                  "tests/test_transport_processes.py"], ""),
+    ("src/fedlearn/transport/certs.py", ["tests/test_file_modes.py", "tests/test_transport_security.py",
+                                        "tests/test_wire_binding.py"], ""),
+    ("src/fedlearn/transport/commands.py", ["tests/test_error_messages.py", "tests/test_file_modes.py"], ""),
+    ("src/fedlearn/transport/client_process.py", PROCESS_TESTS, ""),
+    ("src/fedlearn/transport/server_process.py", PROCESS_TESTS, ""),
+    ("src/fedlearn/transport/client_factory.py", ["tests/test_transport_processes.py"], "five_client"),
+    ("src/fedlearn/transport/*", ["tests/test_transport_security.py", "tests/test_wire_binding.py"], ""),
 ]
 
 SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
@@ -195,7 +202,7 @@ def _sites(tree: ast.Module) -> list[_Site]:
                                lambda n: ast.Name(SWAP_NAME[n.id], ast.Load())))
         elif isinstance(node, ast.If):
             sites.append(_Site(index, "drop-guard", lambda n: _replace(n, test=ast.Constant(False))))
-        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and not _is_logging_call(node.value):
             sites.append(_Site(index, "drop-call", lambda n: ast.Pass()))
     return sites
 

@@ -16,7 +16,6 @@ class RunningWeightedMean:
     def __init__(self) -> None:
         self.mean: np.ndarray | None = None
         self.weight = 0.0
-        self.count = 0
 
     def add(self, delta: np.ndarray, weight: float) -> None:
         if self.mean is None:
@@ -26,7 +25,6 @@ class RunningWeightedMean:
         if weight < 0:
             raise ValueError(f"example weights must be >= 0, got {weight}")
         self.weight += float(weight)
-        self.count += 1
         if weight > 0:
             step = delta - self.mean
             step *= float(weight) / self.weight
