@@ -21,11 +21,12 @@ import grpc
 
 from ..audit.receipts import AUDIT_KEY, ReceiptBook, accept_bundle
 from ..client import Client, run_fit
-from ..compression import update_codec
+from ..compression import model_dtype, update_codec
+from ..compression.downlink import DownlinkClient
 from ..params import Layout
 from ..messages import ClientSession, Handler, Message, decode_message, encode_message
 from ..params import Layout
-from ..serialize import SerializationError, decode_state, encode_update
+from ..serialize import SerializationError, encode_update
 from ..transforms.base import Transform
 from ..types import Config, State, Update
 from . import fedlearn_pb2 as pb
@@ -65,6 +66,7 @@ class Connection:
                  transforms: Sequence[str] = (), model: Layout | None = None) -> None:
         self.client_id, self.identity = check_client_id(client_id), identity
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
+        self.downlink = DownlinkClient()  # the model replica, for servers that send compressed changes
         method = channel.stream_stream(CONNECT_METHOD, request_serializer=None,
                                        response_deserializer=pb.ServerMessage.FromString)
         self._call = method(iter(self._outbox.get, None))
@@ -98,7 +100,7 @@ class Connection:
         header = message.task
         payload = collect(self._call, header.payload_bytes, header.payload_sha256, MAX_MODEL_BYTES)
         exchange = header.kind == pb.EXCHANGE
-        return ReceivedTask(header, decode_state(payload) if payload else None,
+        return ReceivedTask(header, self.downlink.receive(payload) if payload else None,
                             {} if exchange else decode_config(header.config),
                             decode_message(header.message) if exchange else None, message.ByteSize() + len(payload))
 
@@ -233,7 +235,8 @@ class _Worker:
                 kept = accept_bundle(self.receipts, bundle, self.client.cid, self.audit_key)
                 log.info("event=audit_receipts client=%s round=%d kept=%d head_size=%d", self.client.cid,
                          task.header.round, len(kept), bundle["head"]["size"])
-            result, encode = run_fit(self.client, task.state, task.config, self.transforms), partial(encode_update, codec=codec)
+            result = run_fit(self.client, task.state, task.config, self.transforms)
+            encode = partial(encode_update, codec=codec, extras_dtype=model_dtype(Layout.of(task.state)))
         elif task.header.kind == pb.EVALUATE:
             result, encode = self.client.evaluate(task.state, task.config), encode_metrics
         else:
