@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fedlearn import FedAvg, InProcessPool, Server, Update
-from fedlearn.compression import QSGD, Cast, TopK
+from fedlearn.compression import QSGD, Cast, TopK, update_codec
 from fedlearn.compression.codecs import QuantizedCodec
 from fedlearn.compression.downlink import DownlinkClient, DownlinkServer
 from fedlearn.compression.settings import CompressionSettings, compression_from_spec, spec_of
@@ -269,3 +269,65 @@ def test_extras_travel_in_the_model_dtype_and_bytes_reach_the_round_metrics():
     record = server.run(1).rounds[0]
     assert record.metrics["bytes_up"] == 2 * one
     assert 2 * 4 * d <= record.metrics["bytes_down"] < 2 * (4 * d + 1024)
+
+
+# ---- downlink over gRPC
+
+def test_remote_pool_sends_compressed_changes_and_counts_the_bytes(tmp_path):
+    """Over a real gRPC stream: a connection that holds the previous model gets only the compressed change, a
+    new connection the whole replica; both reconstruct exactly the model the server holds for them, and the
+    round's bytes are the messages' sizes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedlearn.transport import certs
+    from fedlearn.transport import fedlearn_pb2 as pb
+    from fedlearn.transport.certs import ClientBundle
+    from fedlearn.transport.channels import open_channel, start_server
+    from fedlearn.transport.client_process import Connection
+    from fedlearn.transport.remote_pool import RemotePool
+    from fedlearn.transport.service import Service
+
+    certs.create(tmp_path, ["alice", "bob"])
+    pool = RemotePool("run-D", round_deadline=5, wait_timeout=5, downlink=QSGD(8, 64))
+    service = Service(pool, tmp_path / "allowlist.txt", lambda: pb.StatusReply(run_id="run-D"))
+    grpc_server, port = start_server([service.handler()], "127.0.0.1:0", None, service.admission.capacity)
+    executor = ThreadPoolExecutor(1)
+    try:
+        def connect(cid):
+            return Connection(open_channel(f"127.0.0.1:{port}", None), cid,
+                              ClientBundle.load(tmp_path / "clients" / cid).identity)
+
+        def round_(rnd, model, conns):
+            state = _state(model)
+            future = executor.submit(pool.fit, state, {c.client_id: {"round": rnd} for c in conns})
+            tasks = {c.client_id: c.next_task() for c in conns}
+            for c in conns:
+                task = tasks[c.client_id]
+                payload = encode_update(Update(c.client_id, rnd, np.zeros(2000), 1), pool_codec)
+                c.send_result(c.result_header(task.header, payload), payload)
+                assert c.read_ack().accepted
+            future.result(10)
+            return tasks
+
+        pool_codec = update_codec((), Layout.of(_state(np.zeros(2000))))  # updates: the model's dtype
+        alice = connect("alice")
+        model = np.linspace(-1, 1, 2000)
+        first = round_(1, model, [alice])["alice"]
+        np.testing.assert_array_equal(first.state["b"], _state(model)["b"])  # the first model is the model
+        pool.transport_metrics()
+        model = model + 0.001 * np.sin(np.arange(2000))
+        bob = connect("bob")
+        tasks = round_(2, model, [alice, bob])
+        replica = pool.downlink.layout.unflatten(pool.downlink.replica)
+        for task in tasks.values():
+            for name in replica:
+                np.testing.assert_array_equal(task.state[name], replica[name])
+        assert tasks["alice"].wire_bytes < tasks["bob"].wire_bytes / 3  # 8-bit change vs the float32 replica
+        metrics = pool.transport_metrics()
+        assert metrics["bytes_down"] == pool.last_stats["fit"].bytes_down > tasks["bob"].wire_bytes
+        assert metrics["bytes_up"] == pool.last_stats["fit"].bytes_up > 2 * 4 * 2000
+        assert np.abs(Layout.of(replica).flatten(replica) - model).max() < 1e-3  # close to the server's model
+    finally:
+        pool.finish("done")
+        grpc_server.stop(0)
+        executor.shutdown(wait=False)
