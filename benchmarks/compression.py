@@ -38,10 +38,16 @@ ROWS = {  # name -> (uplink transform, downlink compression)
     "qsgd4": (lambda: QSGD(4), lambda: None),
     "qsgd2": (lambda: QSGD(2), lambda: None),
     "qsgd1": (lambda: QSGD(1), lambda: None),
+    "qsgd1-b2048-fp16": (lambda: QSGD(1, 2048, scale_dtype="float16"), lambda: None),
+    "qsgd2-keep0.42": (lambda: QSGD(2, 256, scale_dtype="float16", fraction=0.42), lambda: None),
+    "qsgd3-keep0.3": (lambda: QSGD(3, 1024, scale_dtype="float16", fraction=0.3), lambda: None),
+    "qsgd4-keep0.22": (lambda: QSGD(4, 512, scale_dtype="float16", fraction=0.22), lambda: None),
+    "qsgd4-keep0.13": (lambda: QSGD(4, 512, scale_dtype="float16", fraction=0.13), lambda: None),
     "topk10": (lambda: TopK(0.10), lambda: None),
     "topk1": (lambda: TopK(0.01), lambda: None),
     "randomk10": (lambda: RandomK(0.10), lambda: None),
     "topk1+down-qsgd8": (lambda: TopK(0.01), lambda: QSGD(8)),
+    "qsgd3-keep0.3+down-qsgd8": (lambda: QSGD(3, 1024, scale_dtype="float16", fraction=0.3), lambda: QSGD(8)),
 }
 
 

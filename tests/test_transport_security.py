@@ -94,7 +94,7 @@ class RawCodec:
 
     name = CODEC.name
 
-    def encode(self, vector):
+    def encode(self, vector, key=""):
         return {"values": vector.astype(np.float32) if vector.dtype.kind == "f" else vector}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import run_commands
+from .compression.settings import add_compression_flags, compression_flags
 from .config import DATASETS, PARTITIONS, ConfigError, SimulationConfig, load_toml
 from .transport import commands as deployment
 from .server.anomaly import flag_counts
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--server-lr", type=float, help="shortcut for -p server_lr=VALUE")
     sim.add_argument("--contributions", metavar="METHODS",
                      help="score each client's contribution every round: comma-separated gtg, loo, exact, cosine")
+    add_compression_flags(sim)  # compression (issue 13)
     deployment.add_parsers(sub, _SIM_FLAGS)
     run_commands.add_parsers(sub)
     return parser
@@ -153,6 +155,9 @@ def _simulation_settings(args: argparse.Namespace) -> dict[str, Any]:
     app = deployment.app_settings(args, values)
     if app:
         flags["app"] = app
+    compression = compression_flags(args)
+    if compression:
+        flags["compression"] = {**values.get("compression", {}), **compression}
     if args.contributions:
         flags["contributions"] = {**values.get("contributions", {}),
                                   "methods": [m.strip() for m in args.contributions.split(",") if m.strip()]}

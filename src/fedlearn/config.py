@@ -19,6 +19,8 @@ TOML layout (every key optional)::
     [app]       factory = "package.module:make_app" (your task instead of [data], [model], [strategy], [client]),
                 dir (folder to import it from, relative to the file), then the factory's keyword arguments
     [contributions] methods (gtg, loo, exact, cosine), metric, truncation, tolerance (empty: no accounting)
+    [compression.uplink] / [compression.downlink]  method (none, bf16, fp16, qsgd, topk, randomk), then its
+                parameters (bits, block, scale_dtype, fraction, ...); see `fedlearn.compression.settings`
 """
 from __future__ import annotations
 
@@ -92,6 +94,8 @@ class SimulationConfig:
     app: dict[str, Any] = field(default_factory=dict)
     # contribution accounting: ContributionAccounting settings; empty: off
     contributions: dict[str, Any] = field(default_factory=dict)
+    # compression of updates and of the global-model change: `CompressionSettings`; empty: off
+    compression: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -134,6 +138,7 @@ class SimulationConfig:
         _check(not self.app or isinstance(self.app.get("factory"), str),
                '[app] needs factory = "package.module:function"')
         _check(isinstance(self.contributions, dict), "contribution settings must be a table of name = value")
+        self._validate_compression()
         if self.ray_address:
             from .simulation.ray_pool import check_ray_address
 
@@ -141,6 +146,15 @@ class SimulationConfig:
                 check_ray_address(self.ray_address)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+
+    def _validate_compression(self) -> None:
+        from .compression.settings import CompressionSettings
+
+        _check(isinstance(self.compression, dict), "compression settings must be a table of name = value")
+        try:
+            CompressionSettings.from_dict(self.compression)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,10 +169,12 @@ _RENAMES = {("model", "name"): "model", ("strategy", "name"): "strategy", ("aggr
             ("attack", "name"): "attack", ("attack", "fraction"): "attack_fraction",
             ("anomaly", "enabled"): "anomaly_checks"}
 _SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults", "aggregator", "attack", "anomaly", "privacy",
-             "simulation", "contributions", "app")
+             "simulation", "contributions", "app",
+             "compression")
 # Sections whose keys (other than those renamed above) are free-form parameters of the named plug-in.
 _PLUGIN_SECTIONS = {"strategy": "strategy_params", "aggregator": "aggregator_params", "attack": "attack_params",
-                    "anomaly": "anomaly_params", "privacy": "privacy", "contributions": "contributions", "app": "app"}
+                    "anomaly": "anomaly_params", "privacy": "privacy", "contributions": "contributions", "app": "app",
+                    "compression": "compression"}
 
 
 _TOP = ("seed", "rounds")

@@ -14,6 +14,8 @@ Every name a round can record (`History.metric(name)`, `metrics.csv`, `fedlearn 
                        ``evaluate_metrics`` rule (default `weighted_mean_metrics`; `client_mean_metrics`
                        counts every client once)
 ``round_failed``       1 when too few usable updates arrived and the model was kept
+``bytes_up``           bytes clients sent this round, whole messages (deployments, and simulations with
+                       ``[compression]``: `WirePool`); ``bytes_down`` what the server sent them
 ``dp_epsilon``         central DP: privacy spent so far (also ``dp_rounds``, ``dp_clip``, ``dp_noise_std``)
 ``ldp_epsilon_max``    local DP: the largest epsilon any client has spent
 ``backdoor_success``   as ``test_backdoor_success``: share of triggered test inputs classified as the target

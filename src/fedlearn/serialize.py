@@ -214,14 +214,20 @@ class DeltaCodec(Protocol):
 
     name: str
 
-    def encode(self, vector: np.ndarray) -> dict[str, np.ndarray]: ...
+    def encode(self, vector: np.ndarray, key: str = "") -> dict[str, np.ndarray]: ...
 
-    def decode(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray: ...
+    def decode(self, tensors: Mapping[str, np.ndarray], key: str = "") -> np.ndarray: ...
 
 
-def encode_update(update: Update, codec: DeltaCodec | None = None) -> bytes:
+def update_key(client_id: str, rnd: int) -> str:
+    """What names one update to a codec (a seeded mask both sides derive from it): its client and round."""
+    return f"{client_id}/{int(rnd)}"
+
+
+def encode_update(update: Update, codec: DeltaCodec | None = None, extras_dtype: str | None = None) -> bytes:
     """Serialize a client update (flat delta, extras and bookkeeping). With a `codec` the delta travels packed
-    by it (the model's dtype, or compressed); without one, as the float64 vector it is."""
+    by it (the model's dtype, or compressed); without one, as the float64 vector it is. With `extras_dtype`
+    (the model's dtype) the extras (e.g. SCAFFOLD's control variates) travel in it instead of float64."""
     meta = {
         "kind": "update",
         "client_id": update.client_id,
@@ -235,8 +241,9 @@ def encode_update(update: Update, codec: DeltaCodec | None = None) -> bytes:
             tensors = {"delta": update.delta}
         else:
             meta["codec"] = codec.name
-            tensors = {CODEC_PREFIX + k: v for k, v in codec.encode(update.delta).items()}
-        tensors.update({EXTRA_PREFIX + k: v for k, v in update.extras.items()})
+            tensors = {CODEC_PREFIX + k: v for k, v in codec.encode(update.delta, update_key(update.client_id, update.round)).items()}
+        tensors.update({EXTRA_PREFIX + k: np.asarray(v, dtype=extras_dtype) if extras_dtype else v
+                        for k, v in update.extras.items()})
         return encode_tensors(tensors, meta)
     except ValueError as exc:  # NaN metrics are not valid JSON; a delta its codec cannot carry
         raise SerializationError(f"update from {update.client_id!r} cannot be serialized: {exc}") from None
@@ -260,7 +267,10 @@ def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, codec: Del
             raise SerializationError(f"update is packed as {meta.get('codec')!r}, this run expects {codec.name!r}")
         if not all(k.startswith(CODEC_PREFIX) for k in rest):
             raise SerializationError(f"update carries unexpected tensors {sorted(rest)}")
-        delta = codec.decode({k[len(CODEC_PREFIX):]: v for k, v in rest.items()})
+        cid, rnd = meta.get("client_id"), meta.get("round")
+        if not isinstance(cid, str) or not isinstance(rnd, int):
+            raise SerializationError("update metadata needs client_id (str) and round (int)")
+        delta = codec.decode({k[len(CODEC_PREFIX):]: v for k, v in rest.items()}, update_key(cid, rnd))
     if delta.ndim != 1:
         raise SerializationError(f"update delta must be 1-D, got shape {delta.shape}")
     for what, value in {"delta": delta, **{f"extra {k!r}": v for k, v in extras.items()}}.items():
@@ -274,4 +284,5 @@ def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, codec: Del
         raise SerializationError("update metadata needs client_id (str), round (int), num_examples (int >= 0)")
     if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
         raise SerializationError("update metrics must map names to numbers")
+    extras = {k: v.astype(np.float64) for k, v in extras.items()}  # what the strategies compute in
     return Update(cid, rnd, delta, n, dict(metrics), bool(meta.get("partial", False)), extras)

@@ -29,7 +29,8 @@ from .server.anomaly import AnomalyChecks
 from .server.protocol import RoundProtocol
 from .server.round_loop import CentralEval
 from .server.sampling import PoissonSampler
-from .simulation import FaultInjector
+from .compression.settings import CompressionSettings
+from .simulation import FaultInjector, WirePool
 from .simulation.backends import make_pool
 from .simulation.robustness import robustness_setup
 from .strategies import Aggregator, Strategy, make_strategy
@@ -143,16 +144,21 @@ def simulate(
             print(f"privacy: {line}")
     # secure aggregation hides individual updates, so the anomaly checks have nothing to screen
     anomaly_checks = None if privacy.protocol is not None else robust.anomaly_checks
+    compression = CompressionSettings.from_dict(cfg.compression)  # validated with the config
+    if compression.measured and privacy.protocol is not None:
+        raise ConfigError("[compression] measures and compresses individual updates; a simulation with secure "
+                          "aggregation or HE ([privacy]) has none: remove one of the two")
     return run_simulation(
         app=robust.app, strategy=robust.strategy,
         rounds=cfg.rounds, clients_per_round=cfg.clients_per_round, fraction=cfg.fraction,
         min_clients=robust.min_clients, eval_clients=cfg.eval_clients, max_examples=cfg.max_examples,
-        transforms=[*robust.transforms, *privacy.transforms],
+        transforms=[*robust.transforms, *privacy.transforms, *([compression.uplink] if compression.uplink else [])],
         anomaly_checks=anomaly_checks, protocol=privacy.protocol, handlers=privacy.handlers, sampler=privacy.sampler,
         faults=FaultInjector(cfg.crash_rate, cfg.drop_rate, cfg.straggler_rate, seed=cfg.seed),
         seed=cfg.seed, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume, show_progress=show_progress,
         backend=cfg.backend, ray_address=cfg.ray_address or None,
         contributions=contribution_accounting(cfg, app, privacy.protocol is not None or bool(privacy.transforms)),
+        wire=compression if compression.measured else None,
     )
 
 
@@ -205,6 +211,7 @@ def run_simulation(
     backend: str = "sequential",
     ray_address: str | None = None,
     contributions: ContributionAccounting | None = None,
+    wire: CompressionSettings | None = None,
 ) -> SimulationResult:
     """Simulate federated training. The task is an `app` (see `fedlearn.App`), or is given by its parts:
     `data` (a `FederatedDataset`) and `model_fn` are enough (a `TorchClient` per client, central evaluation
@@ -225,6 +232,8 @@ def run_simulation(
     count / fraction sampler (e.g. Poisson sampling for DP). `backend` picks where clients train
     (sequential, vectorized, process, ray; see `fedlearn.simulation.backends`), `ray_address` a Ray cluster.
     `contributions` scores each round's accepted updates into the run store's contribution ledger.
+    With `wire`, every message goes through the real wire format (`WirePool`, with its downlink compression;
+    add its uplink compression to `transforms`), and each round records ``bytes_up`` and ``bytes_down``.
     Metric names: see `fedlearn.metrics`."""
     app = _simulation_app(app, data, client_fn, client_ids, model_fn, initial_state)
     strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy or app.build_strategy()
@@ -240,6 +249,8 @@ def run_simulation(
         sampler.size(len(client_ids))  # refuse more clients per round than there are, before any work
     pool = make_pool(backend, app.client, client_ids, faults, handlers=handlers, ray_address=ray_address,
                      transforms=transforms)
+    if wire is not None:
+        pool = WirePool(pool, downlink=wire.downlink)
     server = Server(
         pool, strategy, app.initial(seed), sampler=sampler, min_clients=min_clients,
         max_failed_rounds=max_failed_rounds, anomaly_checks=anomaly_checks, protocol=protocol, max_examples=max_examples,

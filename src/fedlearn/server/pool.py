@@ -55,5 +55,10 @@ class ClientPool(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot carry multi-stage round protocols")
 
+    def transport_metrics(self) -> dict[str, float]:
+        """Bytes on the wire since the last call (`bytes_down`: the server to clients, `bytes_up`: clients to
+        the server, whole messages), for pools that send real messages; empty for in-process pools."""
+        return {}
+
     def close(self) -> None:
         """Release workers and connections."""

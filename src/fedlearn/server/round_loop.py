@@ -266,6 +266,7 @@ class Server:
         metrics = self._round_metrics(updates, failures, cohort, rnd)
         for transform in self.transforms:
             metrics.update(transform.report(rnd))
+        metrics.update(self.pool.transport_metrics())  # this round's messages, training and evaluation
         if note:
             metrics["round_failed"] = 1.0
         if evidence.contributions:

@@ -23,7 +23,8 @@ from ..audit.log import AuditError
 from ..audit.receipts import AUDIT_KEY, ReceiptBook, accept_bundle
 from ..analytics.summary import STATISTICS_KEY, SUMMARY, answer_summary
 from ..client import Client, run_fit
-from ..compression import update_codec
+from ..compression import model_dtype, update_codec
+from ..compression.downlink import DownlinkClient
 from ..params import Layout
 from ..messages import ClientSession, Handler, Message, decode_message, encode_message
 from ..serialize import SerializationError, decode_state, encode_update
@@ -79,6 +80,7 @@ class Connection:
                  held: Callable[[str], int] = lambda run_id: 0) -> None:
         self.client_id, self.identity = check_client_id(client_id), identity
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
+        self.downlink = DownlinkClient()  # the model replica, for servers that send compressed changes
         method = channel.stream_stream(CONNECT_METHOD, request_serializer=None,
                                        response_deserializer=pb.ServerMessage.FromString)
         self._call = method(iter(self._outbox.get, None))
@@ -114,7 +116,7 @@ class Connection:
         header = message.task
         payload = collect(self._call, header.payload_bytes, header.payload_sha256, MAX_MODEL_BYTES)
         exchange = header.kind == pb.EXCHANGE
-        return ReceivedTask(header, decode_state(payload) if payload else None,
+        return ReceivedTask(header, self.downlink.receive(payload) if payload else None,
                             {} if exchange else decode_config(header.config),
                             decode_message(header.message) if exchange else None, message.ByteSize() + len(payload))
 
@@ -259,7 +261,8 @@ class _Worker:
                 _refuse_statistics(self.statistics)(None, None)
             codec = update_codec(self.transforms, Layout.of(task.state))  # the model's dtype, or compressed
             self.keep_receipts(task.config, f"round {task.header.round}")
-            result, encode = run_fit(self.client, task.state, task.config, self.transforms), partial(encode_update, codec=codec)
+            result = run_fit(self.client, task.state, task.config, self.transforms)
+            encode = partial(encode_update, codec=codec, extras_dtype=model_dtype(Layout.of(task.state)))
         elif task.header.kind == pb.EVALUATE:
             result, encode = self.client.evaluate(task.state, task.config), encode_metrics
         else:

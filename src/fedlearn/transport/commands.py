@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from pathlib import Path
 
+from ..compression.settings import add_compression_flags
 from ..config import ConfigError
 
 SimFlag = tuple[str, str, type, str]
@@ -61,6 +62,7 @@ def add_parsers(sub: argparse._SubParsersAction, sim_flags: Sequence[SimFlag]) -
     client.add_argument("--central-dp", action="store_true",
                         help="clip each update to the norm the server sends (needed when the server's [privacy] "
                              "sets dp_clip; the server adds the noise)")
+    add_compression_flags(client, downlink=False)  # the downlink's settings come with the server's messages
     client.add_argument("--receipts", type=Path, metavar="DIR",
                         help="where to keep the audit receipts the server sends (default: CREDENTIALS/receipts)")
     client.add_argument("--audit-key", metavar="HEX",
@@ -203,6 +205,7 @@ def _saved(run_dir: str) -> str:
 
 def cmd_client(args: argparse.Namespace) -> int:
     from ..cli import parse_params
+    from ..compression.settings import compression_flags, compression_from_spec
     from ..config import SimulationConfig
     from .certs import ClientBundle
     from .client_factory import builtin_client, user_client
@@ -225,6 +228,10 @@ def cmd_client(args: argparse.Namespace) -> int:
         client = builtin_client(SimulationConfig.from_dict(values), args.client_index, bundle.client_id)
     else:
         raise ConfigError("say where the data comes from: --client-index K (with --dataset ...) or --client-module")
+    try:  # must match the server's [compression.uplink]
+        compression = compression_from_spec(compression_flags(args).get("uplink"), "--compress")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     pinned = load_peer_keys(args.peer_keys) if args.peer_keys else None
     # secure aggregation needs nothing but these handlers: its settings come with each round's plan
     policy = ClientPolicy(full_graph_only=pinned is not None, min_cohort=args.secagg_min_cohort,
@@ -236,7 +243,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         handlers.update(HEClient(args.he_key.read_bytes()).handlers())
     try:
         reason = run_client(client, args.server, identity=bundle.identity, tls=None if args.insecure else bundle.tls,
-                            transforms=[CentralDPClient()] if args.central_dp else [], handlers=handlers,
+                            transforms=[*([CentralDPClient()] if args.central_dp else []),
+                                        *([compression] if compression else [])], handlers=handlers,
                             retry_for=args.retry_for, receipts=ReceiptBook(args.receipts or args.credentials / "receipts"),
                             audit_key=args.audit_key, statistics=args.statistics)
     except (ClientRejected, ConnectionError) as exc:

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..audit.receipts import AUDIT_KEY, ReceiptIssuer
-from ..compression import update_codec
+from ..compression import Compression, update_codec
+from ..compression.downlink import DownlinkServer
 from ..params import Layout
 from ..messages import Message, decode_message, encode_message
 from ..serialize import SerializationError, decode_update, encode_state
@@ -113,6 +114,7 @@ class Session:
         self.transforms = list(transforms)
         self.cancel = cancel
         self._queue: queue.Queue[Task | str | None] = queue.Queue()
+        self.held: int | None = None  # the downlink replica version sent on this connection
 
     def next(self) -> Task | str | None:
         """Block until the next task, a finish reason (str), or None when the session was closed."""
@@ -144,7 +146,10 @@ class RemotePool(ClientPool):
     (a `fedlearn.audit.receipts.ReceiptIssuer`, told the size of the head each client holds when it connects),
     each fit task, and each protocol stage that trains (secure aggregation's masked-input stage), also carries
     the client's audit receipts under the config key "audit", and so does the message that ends the run
-    (`final_audit`).
+    (`final_audit`). With `downlink` (a compression transform), fit
+    tasks carry the compressed changes of the model each connection has not seen yet instead of the model
+    (`fedlearn.compression.downlink`: clients train from the replica both sides hold); evaluation tasks
+    always carry the model itself.
     """
 
     def __init__(
@@ -159,6 +164,7 @@ class RemotePool(ClientPool):
         log_every: float = 10.0,
         fit_config: Config | None = None,
         receipts: ReceiptIssuer | None = None,
+        downlink: Compression | None = None,
     ) -> None:
         if round_deadline <= 0:
             raise ValueError(f"round_deadline must be positive, got {round_deadline}")
@@ -175,6 +181,8 @@ class RemotePool(ClientPool):
         self.rejections: deque[Rejection] = deque(maxlen=1000)
         self.rejected_count = 0
         self.last_stats: dict[str, RoundStats] = {}  # task kind ("fit", "evaluate", "exchange") -> latest
+        self.downlink = DownlinkServer(downlink) if downlink is not None else None
+        self._unread = {"bytes_down": 0.0, "bytes_up": 0.0}  # since the last `transport_metrics`
 
     # ----- what the round loop calls
     @property
@@ -227,7 +235,15 @@ class RemotePool(ClientPool):
         layout = Layout.of(state)
         limit = RESULT_OVERHEAD + 8 * layout.size  # a float64 delta
         codec = update_codec(transforms, layout)  # the server's choice, never the client's
-        return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms], codec=codec).values())
+        if self.downlink is not None:
+            self.downlink.advance(state)
+        return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms], codec=codec,
+                                   compressed=self.downlink is not None).values())
+
+    def transport_metrics(self) -> dict[str, float]:
+        with self._cond:
+            unread, self._unread = self._unread, {"bytes_down": 0.0, "bytes_up": 0.0}
+        return unread
 
     def _audit(self, cid: str) -> Config:
         bundle = self.receipts.bundle(cid) if self.receipts is not None else None
@@ -331,12 +347,14 @@ class RemotePool(ClientPool):
 
     # ----- internals
     def _dispatch(self, kind: int, state: State | None, bodies: dict[str, "_Body"], result_limit: int,
-                  transforms: list[str] | None, deadline: float | None = None, codec: Any = None) -> dict[str, Any]:
-        """Send one task per client and wait for all results or the deadline; results keep `bodies`' order."""
+                  transforms: list[str] | None, deadline: float | None = None, codec: Any = None,
+                  compressed: bool = False) -> dict[str, Any]:
+        """Send one task per client and wait for all results or the deadline; results keep `bodies`' order.
+        `compressed`: the model travels as the downlink changes each connection has not seen."""
         start = time.monotonic()
         deadline = deadline or self.round_deadline
-        payload = encode_state(state) if state is not None else b""
-        digest = hashlib.sha256(payload).digest()
+        payload = encode_state(state) if state is not None and not compressed else b""
+        digests = {payload: hashlib.sha256(payload).digest()}
         tasks: dict[str, Task | Failure] = {}
         with self._cond:
             for cid, body in bodies.items():
@@ -351,7 +369,12 @@ class RemotePool(ClientPool):
                                                           f"{len(body.config) + len(body.message)} bytes exceeds the "
                                                           f"{MAX_HEADER_BODY} bytes a task header may carry")
                 else:
-                    task = Task(os.urandom(NONCE_BYTES), cid, body.round, kind, body.config, body.message, payload,
+                    sent = payload
+                    if compressed:
+                        assert self.downlink is not None
+                        sent, session.held = self.downlink.payload(session.held), self.downlink.version
+                    digest = digests.get(sent) or digests.setdefault(sent, hashlib.sha256(sent).digest())
+                    task = Task(os.urandom(NONCE_BYTES), cid, body.round, kind, body.config, body.message, sent,
                                 digest, deadline, result_limit, session, codec)
                     self._pending[task.nonce] = task
                     tasks[cid] = task
@@ -434,6 +457,9 @@ class RemotePool(ClientPool):
         stats = RoundStats(rnd, KIND_NAMES[kind], len(tasks), seconds, sum(t.bytes_sent for t in tasks),
                            sum(t.bytes_received for t in tasks), max((t.train_seconds for t in tasks), default=0.0))
         self.last_stats[stats.kind] = stats
+        with self._cond:
+            self._unread["bytes_down"] += stats.bytes_down
+            self._unread["bytes_up"] += stats.bytes_up
         log.info("event=dispatch round=%d kind=%s clients=%d seconds=%.3f bytes_down=%d bytes_up=%d "
                  "max_train_seconds=%.3f", rnd, stats.kind, stats.clients, seconds, stats.bytes_down,
                  stats.bytes_up, stats.max_train_seconds)

@@ -21,6 +21,8 @@ from ..config import ConfigError, SimulationConfig, load_toml
 from ..dashboard import Dashboard, RunSnapshots
 from ..metrics import MetricAggregation, weighted_mean_metrics
 from ..params import Layout
+from ..compression import Compression
+from ..compression.settings import CompressionSettings
 from ..privacy import PrivacyConfig, PrivacySetup, build_privacy
 from ..progress import RoundProgress
 from ..server import ClientSampler, RunStore, Server
@@ -152,6 +154,7 @@ class DeploymentServer:
         run_config: dict[str, Any] | None = None,
         resume: bool = False,
         asynchronous: AsyncSettings | None = None,
+        downlink: Compression | None = None,
     ) -> None:
         if clients_per_round is None and fraction is None:
             fraction = 1.0
@@ -163,7 +166,7 @@ class DeploymentServer:
                                min_available=settings.wait_for_clients or clients_per_round or 1,
                                min_clients=min_clients, proceed_after=settings.proceed_after,
                                wait_timeout=settings.wait_timeout, fit_config=fit_config,
-                               receipts=ReceiptIssuer(self.store.audit))
+                               receipts=ReceiptIssuer(self.store.audit), downlink=downlink)
         if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
             if protocol is not None or sampler is not None:
                 self.store.close()
@@ -321,6 +324,7 @@ def serve_app(cfg: SimulationConfig, settings: ServerSettings, app: App | None =
     population = len(AllowList.load(settings.allow_list).keys)
     robust = robustness_setup(cfg, app, population)
     privacy = deployment_privacy(cfg, settings, robust.strategy)
+    compression = CompressionSettings.from_dict(cfg.compression)  # validated with the config
     server = DeploymentServer(
         app.initial(cfg.seed), robust.strategy, rounds=cfg.rounds, settings=settings,
         clients_per_round=cfg.clients_per_round, fraction=cfg.fraction, min_clients=robust.min_clients,
@@ -328,8 +332,10 @@ def serve_app(cfg: SimulationConfig, settings: ServerSettings, app: App | None =
         evaluate_metrics=app.evaluate_metrics,
         # secure aggregation hides individual updates, so the anomaly checks have nothing to screen
         anomaly_checks=None if privacy.protocol is not None else robust.anomaly_checks,
-        transforms=privacy.transforms, protocol=privacy.protocol, sampler=privacy.sampler,
+        transforms=[*privacy.transforms, *([compression.uplink] if compression.uplink else [])],
+        protocol=privacy.protocol, sampler=privacy.sampler,
         fit_config=app.fit_config, seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
+        downlink=compression.downlink,
     )
     try:
         port = server.start()
