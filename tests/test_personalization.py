@@ -140,6 +140,16 @@ def test_final_adaptation_retrains_a_stale_head_on_the_final_body_with_the_body_
         fedlearn.torch.train.evaluate_model(ref, torch.as_tensor(xt), torch.as_tensor(yt))["accuracy"])
 
 
+def test_a_ditto_client_never_sampled_adapts_in_the_final_pass(tmp_path):
+    """A fresh client process (no module built yet, nothing saved) runs the final pass from the global model."""
+    x, y, xt, yt = permuted_digits(2)["1"]
+    glob = shared_state(Net, [])
+    client = PersonalTorchClient("1", Net, x, y, x_test=xt, y_test=yt, store=ClientStateStore(tmp_path),
+                                 method="ditto", ditto_lambda=0.1, local_epochs=3, batch_size=16, lr=0.1)
+    client.personalize(glob, {"round": 5, "seed": 0})
+    assert client.evaluate(glob, {})["accuracy"] > client.evaluate(glob, {"personalized": False})["accuracy"] + 0.3
+
+
 def test_finetuning_with_a_held_out_share_keeps_the_global_model_when_tuning_hurts(tmp_path):
     x, y, xt, yt = permuted_digits(2)["0"]                        # identity labels: the global model is right
     fn = lambda cid: TorchClient(cid, Net, x, y, batch_size=16, lr=0.1, local_epochs=8)  # noqa: E731

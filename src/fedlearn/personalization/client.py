@@ -147,7 +147,7 @@ class PersonalTorchClient(TorchClient):
     def _fit_personal(self, state: State, settings: dict[str, Any], config: Config, rnd: int) -> None:
         """Ditto's personal step: v (the saved personal model, or the global one at first) trained with the
         proximal pull towards this round's global model, then saved."""
-        anchor = [torch.as_tensor(state[name]).clone() for name, _ in self._model.named_parameters()]
+        anchor = [torch.as_tensor(state[name]).clone() for name, _ in self.model(state).named_parameters()]
         model = self.full_model(self.store.load(self.cid, rnd) or state, rnd)
         self._train(model, settings, config, anchor=anchor, mu=self.ditto_lambda)
         self.store.save(self.cid, rnd, state_of(model))
