@@ -114,6 +114,70 @@ def test_fedrep_trains_the_head_with_the_body_frozen_then_the_body_with_the_head
     np.testing.assert_allclose(client.store.load("1")["head.weight"], ref.head.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_final_adaptation_retrains_a_stale_head_on_the_final_body_with_the_body_frozen(tmp_path):
+    """`personalize` at the end of training: the head this client saved in round 1 is trained alone on the
+    final global body (an independent torch SGD over the same batches), saved as the next round's, and is
+    what evaluation then uses."""
+    x, y, xt, yt = permuted_digits(2)["1"]
+    store = ClientStateStore(tmp_path)
+    client = PersonalTorchClient("1", Net, x, y, x_test=xt, y_test=yt, store=store, method="fedper",
+                                 local=["head"], head_epochs=2, batch_size=16, lr=0.1)
+    client.fit(shared_state(Net, ["head"], seed=0), {"round": 1, "seed": 1})
+    stale = store.load("1")
+    final = shared_state(Net, ["head"], seed=7)                   # a body the stale head has never seen
+    client.personalize(final, {"round": 9, "seed": 4})
+
+    ref = Net()
+    ref.load_state_dict({**{k: torch.as_tensor(v) for k, v in final.items()},
+                         **{k: torch.as_tensor(v) for k, v in stale.items()}})
+    _manual_sgd(ref, torch.as_tensor(x), torch.as_tensor(y), list(ref.head.parameters()), 4, 2 * -(-len(x) // 16), 0.1)
+    saved = store.load("1")
+    assert store._versions("1") == [1, 9]
+    np.testing.assert_allclose(saved["head.weight"], ref.head.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(client.personal_model(final, {}).body[0].weight.detach().numpy(),
+                                  final["body.0.weight"])          # the body stayed the global one
+    assert client.evaluate(final, {})["accuracy"] == pytest.approx(
+        fedlearn.torch.train.evaluate_model(ref, torch.as_tensor(xt), torch.as_tensor(yt))["accuracy"])
+
+
+def test_a_ditto_client_never_sampled_adapts_in_the_final_pass(tmp_path):
+    """A fresh client process (no module built yet, nothing saved) runs the final pass from the global model."""
+    x, y, xt, yt = permuted_digits(2)["1"]
+    glob = shared_state(Net, [])
+    client = PersonalTorchClient("1", Net, x, y, x_test=xt, y_test=yt, store=ClientStateStore(tmp_path),
+                                 method="ditto", ditto_lambda=0.1, local_epochs=3, batch_size=16, lr=0.1)
+    client.personalize(glob, {"round": 5, "seed": 0})
+    assert client.evaluate(glob, {})["accuracy"] > client.evaluate(glob, {"personalized": False})["accuracy"] + 0.3
+
+
+def test_finetuning_with_a_held_out_share_keeps_the_global_model_when_tuning_hurts(tmp_path):
+    x, y, xt, yt = permuted_digits(2)["0"]                        # identity labels: the global model is right
+    fn = lambda cid: TorchClient(cid, Net, x, y, batch_size=16, lr=0.1, local_epochs=8)  # noqa: E731
+    glob = fedlearn.run_simulation(fn, ["0"], initial_state=shared_state(Net, []), rounds=1,
+                                   anomaly_checks=None).final_state
+
+    def tuned(lr: float, validation: float) -> nn.Module:
+        client = PersonalTorchClient("0", Net, x, y, x_test=xt, y_test=yt, store=ClientStateStore(tmp_path),
+                                     method="finetune", finetune_epochs=3, finetune_lr=lr,
+                                     finetune_validation=validation, batch_size=16)
+        return client.personal_model(glob, {"seed": 0})
+
+    def accuracy(model: nn.Module) -> float:
+        return fedlearn.torch.train.evaluate_model(model, torch.as_tensor(xt), torch.as_tensor(yt))["accuracy"]
+
+    global_acc = accuracy(PersonalTorchClient("0", Net, x, y, store=ClientStateStore(tmp_path),
+                                              method="finetune").full_model(glob, None))
+    assert global_acc > 0.85
+    assert accuracy(tuned(20.0, 0.0)) < global_acc - 0.3          # a destructive lr, applied blindly
+    kept = tuned(20.0, 0.25)                                      # the held-out share rejects every epoch
+    for name, value in glob.items():
+        np.testing.assert_array_equal(kept.state_dict()[name].numpy(), value)
+    x, y, xt, yt = permuted_digits(2)["1"]                        # permuted labels: tuning helps, and is kept
+    assert accuracy(tuned(0.1, 0.25)) > accuracy(kept) + 0.3
+    with pytest.raises(ValueError, match="finetune_validation"):
+        PersonalTorchClient("0", Net, x, y, store=ClientStateStore(tmp_path), method="finetune", finetune_validation=1.0)
+
+
 def test_ditto_personal_model_follows_the_proximal_gradient_by_hand(tmp_path):
     """Linear regression, full-batch GD, two steps: v1 = w - lr*g(w); v2 = v1 - lr*(g(v1) + lam*(v1 - w))."""
     rng = np.random.default_rng(3)

@@ -7,7 +7,15 @@
 - ``ditto`` (Li et al. 2021): the whole model is federated as in FedAvg, and each client also keeps a
   personal model v, trained on the same batches with the proximal term lambda/2 * ||v - w_global||^2.
 - ``finetune``: FedAvg during training; the personal model is the global one fine-tuned for
-  `finetune_epochs` local epochs when evaluated.
+  `finetune_epochs` local epochs when evaluated. With `finetune_validation` > 0 that fraction of the
+  client's training data is held out and the number of epochs (0 to `finetune_epochs`, 0 being the global
+  model itself) is the one that scores best on it, so a client whose data would pull the model the wrong
+  way keeps the global model (fewer clients hurt, as Motley's "selective personalisation").
+
+A client sampled in few rounds has a stale head or personal model by the end of training. `personalize`
+is the final local adaptation every client runs once on the final global model (a cohort of all
+clients): the head retrained on the final body (fedper / fedrep), the personal model trained towards the
+final global one (ditto). It trains on the client's training split only.
 
 The global state a server holds is the *shared* part only (`shared_state`): for fedper / fedrep it lacks the
 head, so the head is never sent in either direction. Personal parts are saved per round in a
@@ -17,6 +25,7 @@ global model where one exists, so global and personalised accuracy can be compar
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -61,7 +70,8 @@ class PersonalTorchClient(TorchClient):
 
     def __init__(self, cid: str, model_fn: Callable[[], torch.nn.Module], x: np.ndarray, y: np.ndarray, *,
                  store: ClientStateStore, method: str = "fedper", local: Sequence[str] = (),
-                 ditto_lambda: float = 0.1, head_epochs: int = 1, finetune_epochs: int = 1, init_seed: int = 0,
+                 ditto_lambda: float = 0.1, head_epochs: int = 1, finetune_epochs: int = 1,
+                 finetune_lr: float | None = None, finetune_validation: float = 0.0, init_seed: int = 0,
                  **kwargs: Any) -> None:
         super().__init__(cid, model_fn, x, y, **kwargs)
         if method not in METHODS:
@@ -70,8 +80,12 @@ class PersonalTorchClient(TorchClient):
             raise ValueError(f"{method} needs `local`: the names of the parameters that stay on the client")
         if ditto_lambda < 0 or head_epochs < 0 or finetune_epochs < 0:
             raise ValueError("ditto_lambda, head_epochs and finetune_epochs must be >= 0")
+        if not 0 <= finetune_validation < 1 or (finetune_lr is not None and not finetune_lr > 0):
+            raise ValueError(f"finetune_validation must be in [0, 1) and finetune_lr > 0, got "
+                             f"{finetune_validation} and {finetune_lr}")
         self.store, self.method, self.ditto_lambda = store, method, float(ditto_lambda)
         self.head_epochs, self.finetune_epochs, self.init_seed = int(head_epochs), int(finetune_epochs), init_seed
+        self.finetune_lr, self.finetune_validation = finetune_lr, float(finetune_validation)
         self.local = list(local) if method in ("fedper", "fedrep") else []
 
     # -- building the full model ------------------------------------------------------------------------
@@ -91,8 +105,10 @@ class PersonalTorchClient(TorchClient):
     # -- training ---------------------------------------------------------------------------------------
     def _train(self, model: torch.nn.Module, settings: dict[str, Any], config: Config, *,
                trainable: Collection[str] | None = None, epochs: int | None = None,
-               anchor: list[torch.Tensor] | None = None, mu: float | None = None) -> Metrics:
-        """`train_local` on this client's data with only the parameters in `trainable` (all when None)."""
+               anchor: list[torch.Tensor] | None = None, mu: float | None = None,
+               rows: torch.Tensor | None = None) -> Metrics:
+        """`train_local` on this client's training data (the `rows` of it, when given) with only the
+        parameters in `trainable` (all when None)."""
         params = dict(model.named_parameters())
         for name, p in params.items():
             p.requires_grad_(trainable is None or name in trainable)
@@ -101,7 +117,8 @@ class PersonalTorchClient(TorchClient):
         if mu is not None:
             opts["proximal_mu"] = mu
         try:
-            return train_local(model, self.x, self.y, **opts, loss_fn=self.loss_fn, proximal_anchor=anchor,
+            x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
+            return train_local(model, x, y, **opts, loss_fn=self.loss_fn, proximal_anchor=anchor,
                                generator=torch.Generator().manual_seed(seed) if seed is not None else None)
         finally:
             for p in params.values():
@@ -130,10 +147,23 @@ class PersonalTorchClient(TorchClient):
     def _fit_personal(self, state: State, settings: dict[str, Any], config: Config, rnd: int) -> None:
         """Ditto's personal step: v (the saved personal model, or the global one at first) trained with the
         proximal pull towards this round's global model, then saved."""
-        anchor = [torch.as_tensor(state[name]).clone() for name, _ in self._model.named_parameters()]
+        anchor = [torch.as_tensor(state[name]).clone() for name, _ in self.model(state).named_parameters()]
         model = self.full_model(self.store.load(self.cid, rnd) or state, rnd)
         self._train(model, settings, config, anchor=anchor, mu=self.ditto_lambda)
         self.store.save(self.cid, rnd, state_of(model))
+
+    def personalize(self, state: State, config: Config) -> None:
+        """The final local adaptation on the final global `state` (see the module docstring), saved as this
+        client's state of round ``config["round"]`` (one past the last training round)."""
+        rnd = int(config.get("round", 0))
+        settings = self.sgd_settings(config)
+        if self.method == "ditto":
+            self._fit_personal(state, settings, config, rnd)
+        elif self.local:
+            model = self.full_model(state, rnd)
+            head = local_names(model, self.local)
+            self._train(model, settings, config, trainable=set(head), epochs=max(1, self.head_epochs))
+            self.store.save(self.cid, rnd, state_of(model, set(head)))
 
     # -- evaluation -------------------------------------------------------------------------------------
     def personal_model(self, state: State, config: Config) -> torch.nn.Module:
@@ -143,9 +173,32 @@ class PersonalTorchClient(TorchClient):
             return self.full_model(self.store.load(self.cid) or state, None)
         model = self.full_model(state, None)
         if self.method == "finetune" and self.finetune_epochs > 0:
-            self._train(model, self.sgd_settings(config), {**config, "seed": config.get("seed", 0)},
-                        epochs=self.finetune_epochs)
+            self._finetune(model, config)
         return model
+
+    def _finetune(self, model: torch.nn.Module, config: Config) -> None:
+        """Fine-tune `model` in place for `finetune_epochs` (lr `finetune_lr`), or, with a validation share,
+        for the number of epochs that scores best on the held-out part (ties go to fewer epochs)."""
+        settings = self.sgd_settings(config)
+        if self.finetune_lr is not None:
+            settings["lr"] = self.finetune_lr
+        config = {**config, "seed": config.get("seed", 0)}
+        held = int(round(self.finetune_validation * len(self.x)))
+        if held == 0 or held == len(self.x):
+            self._train(model, settings, config, epochs=self.finetune_epochs)
+            return
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(int(config["seed"])))
+        val, fit = order[:held], order[held:]
+
+        def score() -> float:
+            return evaluate_model(model, self.x[val], self.y[val], loss_fn=self.loss_fn)["accuracy"]
+
+        best, best_state = score(), copy.deepcopy(model.state_dict())
+        for epoch in range(self.finetune_epochs):
+            self._train(model, settings, {**config, "seed": int(config["seed"]) + epoch}, epochs=1, rows=fit)
+            if (now := score()) > best:
+                best, best_state = now, copy.deepcopy(model.state_dict())
+        model.load_state_dict(best_state)
 
     def evaluate(self, state: State, config: Config) -> Metrics:
         """Metrics of the personal model (default) or, with ``personalized`` False, of the global model."""
