@@ -95,3 +95,18 @@ def test_clients_evaluation_metrics_use_the_apps_rule_and_user_metrics_reach_csv
     assert {"seconds", "test_positive_rate", "fed_worst_accuracy"} <= set(header)
     plotted = [k for keys in plotted_metrics(result.history.rounds).values() for k in keys]
     assert {"test_positive_rate", "fed_worst_accuracy"} <= set(plotted)
+
+
+def test_auc_with_tied_scores_matches_scikit_learn():
+    """Rounded scores tie often: ties count half, as scikit-learn's ROC area does."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, 500)
+    scores = np.round(rng.normal(size=(500, 3)) + np.eye(3)[labels], 1)
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))  # the softmax as documented, bit for bit
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    assert classification_metrics(scores, labels)["auc"] == pytest.approx(
+        roc_auc_score(labels, probs, multi_class="ovr", average="macro"), rel=1e-12)
+    binary = labels[labels < 2]
+    two = np.round(rng.normal(size=(len(binary), 2)), 1)
+    assert classification_metrics(two, binary)["auc"] == pytest.approx(
+        roc_auc_score(binary, two[:, 1] - two[:, 0]), rel=1e-12)
