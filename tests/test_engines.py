@@ -193,3 +193,32 @@ def test_worker_messages_round_trip_and_refuse_objects():
     assert b == results[1]
     with pytest.raises(SerializationError, match="neither an update nor a failure"):
         decode_results(encode_tensors({}, {"kind": "fit-results", "results": [{"update": 3}]}))
+
+
+def test_the_cohort_schedule_is_the_batches_train_local_draws_for_each_client():
+    """Sizes under, at and over a batch, several epochs, a straggler's cut-short epoch and an unshuffled client:
+    every (client, step) row set and its padding are those of `batch_indices` with the client's own generator."""
+    from fedlearn.simulation.cohort_sgd import Member, _schedule
+    from fedlearn.torch.train import batch_indices
+
+    batch = 4
+    cases = [(1, 3, 11), (4, 1, 12), (5, 2, 13), (9, 7, None), (9, 3, 14), (16, 4, 15), (3, 1, 16)]
+    members = [Member(torch.full((n, 2), float(k)), torch.zeros(n, dtype=torch.long), steps, seed)
+               for k, (n, steps, seed) in enumerate(cases)]
+    x, _, index, mask = _schedule(members, batch)
+    assert index.shape == (len(cases), 7, batch) and mask.shape == index.shape
+    offset = 0
+    for k, (n, steps, seed) in enumerate(cases):
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        expected = list(batch_indices(n, batch, steps, generator))
+        assert len(expected) == steps
+        for t in range(index.shape[1]):
+            real = int(mask[k, t].sum())
+            if t >= steps:
+                assert real == 0 and (index[k, t] == offset).all()   # a finished client reads its first row
+                continue
+            assert real == len(expected[t]) and mask[k, t, :real].all()
+            assert index[k, t, :real].tolist() == (expected[t] + offset).tolist()
+            assert (index[k, t, real:] == offset).all()
+            assert (x[index[k, t]] == k).all()                         # every row is this client's own data
+        offset += n
