@@ -1,5 +1,6 @@
 """Local SGD of a whole cohort at once: one model's parameters stacked along a client axis and trained on
-padded per-client batches, the forward pass batched over clients by `torch.func` (vmap of `functional_call`).
+padded per-client batches, the forward pass batched over clients: as grouped layers (`grouped.py`) for a plain
+`Sequential` of convolutions, pooling and linear layers, else by `torch.func` (vmap of `functional_call`).
 
 Every client gets exactly the batches `train_local` would draw for it (`batch_indices` with its own
 generator: the same permutations, cut the same way, laid out for the whole cohort at once by `_schedule`).
@@ -19,6 +20,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from ..torch.train import LossFn
+from .grouped import grouped_forward
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ def train_cohort(
     buffers: list[torch.Tensor] | None = None
     totals = torch.zeros(k_all)
 
-    forward = vmap(lambda own, xb: functional_call(model, (own, frozen), (xb,)), randomness="error")
+    forward = grouped_forward(model, frozen) or \
+        vmap(lambda own, xb: functional_call(model, (own, frozen), (xb,)), randomness="error")
     model.train()
     for t, k in enumerate(active):
         live = [p[:k] for p in params]
