@@ -6,7 +6,8 @@ CONTENDER is `fedlearn-<backend>` (sequential, vectorized, process, ray), `plain
 clients, no framework: the floor) or `flower` (Flower's simulation runtime on Ray). Every contender trains
 the same model from the same initial weights on the same client data, cohorts and per-client shuffle
 seeds, all read from the workload file, and evaluates centrally every round. It prints one line,
-``RESULT {json}``: when training began and ended (epoch seconds) and the final test accuracy.
+``RESULT {json}``: when training began and ended (epoch seconds), the seconds of those spent in central
+evaluation (the same work for every contender, so training alone can be compared) and the final test accuracy.
 
 Only torch and numpy are imported at the top, so the Flower contender also runs from an environment that
 holds flwr but not fedlearn. It is imported as a module (not run as a script) so that Ray, which ships
@@ -96,6 +97,23 @@ def local_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, w: 
                     p.add_(p.grad, alpha=-w.lr)
 
 
+class EvalClock:
+    """Seconds spent inside the wrapped evaluation function."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return run
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, w: Workload) -> float:
     model.eval()
@@ -107,6 +125,8 @@ def run_plain(w: Workload) -> dict:
     model = make_model(w.task)
     model.load_state_dict(w.init)
     global_params = [p.detach().clone() for p in model.parameters()]
+    clock = EvalClock()
+    evaluate = clock.timed(accuracy)
     begin = time.time()
     for rnd in range(w.rounds):
         sums = [torch.zeros_like(p, dtype=torch.float64) for p in global_params]
@@ -124,8 +144,8 @@ def run_plain(w: Workload) -> dict:
         with torch.no_grad():
             for p, g in zip(model.parameters(), global_params):
                 p.copy_(g)
-        acc = accuracy(model, w)
-    return {"begin": begin, "end": time.time(), "accuracy": acc}
+        acc = evaluate(model, w)
+    return {"begin": begin, "end": time.time(), "eval": clock.seconds, "accuracy": acc}
 
 
 def run_fedlearn(w: Workload, backend: str) -> dict:
@@ -145,22 +165,24 @@ def run_fedlearn(w: Workload, backend: str) -> dict:
 
     initial = {n: t.numpy() for n, t in w.init.items()}
     pool = make_pool(backend, client_fn, w.client_ids)
+    clock = EvalClock()
     server = Server(pool, FedAvg(), initial, sampler=ClientSampler(count=w.cohorts.shape[1], seed=0), seed=0,
-                    central_eval=central_evaluator(model_fn, w.x_test.numpy(), w.y_test.numpy()))
+                    central_eval=clock.timed(central_evaluator(model_fn, w.x_test.numpy(), w.y_test.numpy())))
     begin = time.time()
     try:
         history = server.run(w.rounds)
     finally:
         pool.close()
-    return {"begin": begin, "end": time.time(), "accuracy": history.last["test_accuracy"]}
+    return {"begin": begin, "end": time.time(), "eval": clock.seconds, "accuracy": history.last["test_accuracy"]}
 
 
 def _flower_train(msg, context):
-    """Flower ClientApp `train` handler: the client is the node's partition id."""
+    """Flower ClientApp `train` handler: it trains the workload client the server named in the message's config
+    (the node stands in for that client: every node can read every client's data from the workload file)."""
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
     w = load_workload(os.environ[WORKLOAD_ENV])
-    k = int(context.node_config["partition-id"])
+    k = int(msg.content["config"]["client"])
     rnd = int(msg.content["config"]["server-round"])
     model = make_model(w.task)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -171,20 +193,40 @@ def _flower_train(msg, context):
 
 
 def run_flower(w: Workload) -> dict:
-    """FedAvg on Flower's simulation runtime (Ray backend, one CPU per client task, all cores)."""
-    from flwr.app import ArrayRecord, MetricRecord
+    """FedAvg on Flower's simulation runtime (Ray backend, one CPU per client task, all cores), on the
+    workload's cohorts: Flower's FedAvg samples the round's nodes, and the j-th of them is told to train the
+    j-th client of the workload's cohort for that round (same clients, seeds and initial weights as every
+    other contender, so the same accuracy up to float rounding)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
+    class WorkloadCohorts(FedAvg):
+        def _construct_messages(self, record, node_ids, message_type):
+            config = record[self.configrecord_key]
+            cohort = w.cohorts[int(config["server-round"]) - 1]
+            if len(node_ids) != len(cohort):
+                raise RuntimeError(f"Flower sampled {len(node_ids)} nodes for a cohort of {len(cohort)}")
+            return [Message(content=RecordDict({self.arrayrecord_key: record[self.arrayrecord_key],
+                                                self.configrecord_key: ConfigRecord({**config, "client": int(k)})}),
+                            message_type=message_type, dst_node_id=node)
+                    for node, k in zip(node_ids, cohort)]
+
     times: list[float] = []
     accuracies: list[float] = []
     model = make_model(w.task)
 
+    clock = EvalClock()
+    timed_accuracy = clock.timed(accuracy)
+
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        accuracies.append(accuracy(model, w))
+        if server_round == 0:  # before training begins: not part of the rounds' time
+            accuracies.append(accuracy(model, w))
+        else:
+            accuracies.append(timed_accuracy(model, w))
         times.append(time.time())  # round 0 comes first: training starts after it
         return MetricRecord({"accuracy": accuracies[-1]})
 
@@ -195,14 +237,14 @@ def run_flower(w: Workload) -> dict:
     @server_app.main()
     def main(grid, context) -> None:
         n, cohort = len(w.client_ids), w.cohorts.shape[1]
-        strategy = FedAvg(fraction_train=cohort / n, fraction_evaluate=0.0, min_train_nodes=cohort,
-                          min_evaluate_nodes=0, min_available_nodes=n)
+        strategy = WorkloadCohorts(fraction_train=cohort / n, fraction_evaluate=0.0, min_train_nodes=cohort,
+                                   min_evaluate_nodes=0, min_available_nodes=n)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(w.init), num_rounds=w.rounds, evaluate_fn=evaluate)
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(w.client_ids),
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False}})
-    return {"begin": times[0], "end": times[-1], "accuracy": accuracies[-1]}
+    return {"begin": times[0], "end": times[-1], "eval": clock.seconds, "accuracy": accuracies[-1]}
 
 
 def main() -> None:

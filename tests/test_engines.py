@@ -238,3 +238,83 @@ def test_worker_messages_round_trip_and_refuse_objects():
     assert b == results[1]
     with pytest.raises(SerializationError, match="neither an update nor a failure"):
         decode_results(encode_tensors({}, {"kind": "fit-results", "results": [{"update": 3}]}))
+
+
+def test_the_cohort_schedule_is_the_batches_train_local_draws_for_each_client():
+    """Sizes under, at and over a batch, several epochs, a straggler's cut-short epoch and an unshuffled client:
+    every (client, step) row set and its padding are those of `batch_indices` with the client's own generator."""
+    from fedlearn.simulation.cohort_sgd import Member, _schedule
+    from fedlearn.torch.train import batch_indices
+
+    batch = 4
+    cases = [(1, 3, 11), (4, 1, 12), (5, 2, 13), (9, 7, None), (9, 3, 14), (16, 4, 15), (3, 1, 16)]
+    members = [Member(torch.full((n, 2), float(k)), torch.zeros(n, dtype=torch.long), steps, seed)
+               for k, (n, steps, seed) in enumerate(cases)]
+    x, _, index, mask = _schedule(members, batch)
+    assert index.shape == (len(cases), 7, batch) and mask.shape == index.shape
+    offset = 0
+    for k, (n, steps, seed) in enumerate(cases):
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        expected = list(batch_indices(n, batch, steps, generator))
+        assert len(expected) == steps
+        for t in range(index.shape[1]):
+            real = int(mask[k, t].sum())
+            if t >= steps:
+                assert real == 0 and (index[k, t] == offset).all()   # a finished client reads its first row
+                continue
+            assert real == len(expected[t]) and mask[k, t, :real].all()
+            assert index[k, t, :real].tolist() == (expected[t] + offset).tolist()
+            assert (index[k, t, real:] == offset).all()
+            assert (x[index[k, t]] == k).all()                         # every row is this client's own data
+        offset += n
+
+
+class _SmallCNN(torch.nn.Sequential):
+    """Padding, stride, pooling with a ceiling, a frozen-free plain Sequential: the grouped-layer path."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2, ceil_mode=True),
+                         torch.nn.Conv2d(4, 3, 3, stride=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                         torch.nn.Linear(12, 5))
+
+
+def test_grouped_layers_give_each_clients_own_outputs_and_refuse_other_models():
+    from fedlearn.simulation.grouped import grouped_forward
+
+    torch.manual_seed(0)
+    models = [_SmallCNN() for _ in range(3)]
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models])
+              for n, _ in models[0].named_parameters()}
+    x = torch.randn(3, 5, 2, 9, 9)
+    out = grouped_forward(models[0], {})(params, x)
+    for k, m in enumerate(models):
+        torch.testing.assert_close(out[k], m(x[k]), rtol=1e-5, atol=1e-6)
+    frozen = {"0.weight": params.pop("0.weight")[1]}  # one shared, frozen first layer
+    models[0][0].weight.data.copy_(frozen["0.weight"])
+    torch.testing.assert_close(grouped_forward(models[0], frozen)(params, x)[0], models[0](x[0]), rtol=1e-5, atol=1e-6)
+    assert grouped_forward(_Normed(), {}) is None and grouped_forward(_Dropped(), {}) is None
+
+
+def test_a_cnn_cohort_trains_like_the_sequential_pool():
+    rng = np.random.default_rng(5)
+    data = {f"c{i}": (rng.normal(size=(n, 2, 9, 9)).astype(np.float32), rng.integers(0, 5, n))
+            for i, n in enumerate([3, 9, 17, 30, 6, 12])}
+
+    def client(cid):
+        x, y = data[cid]
+        return TorchClient(cid, _SmallCNN, x, y, batch_size=8, lr=0.1, local_epochs=2, momentum=0.5)
+
+    def run(pool):
+        torch.manual_seed(0)
+        server = Server(pool, FedAvg(), state_of(_SmallCNN()), sampler=ClientSampler(count=4, seed=1), seed=3)
+        try:
+            server.run(2)
+        finally:
+            pool.close()
+        return server
+
+    reference = run(InProcessPool(client, list(data), FAULTS))
+    vectorized = run(make_pool("vectorized", client, list(data), FAULTS))
+    relative = np.abs(vectorized.params - reference.params).max() / np.abs(reference.params).max()
+    assert 0 < relative < 1e-5
+    assert [r.participants for r in reference.history.rounds] == [r.participants for r in vectorized.history.rounds]

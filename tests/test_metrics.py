@@ -118,3 +118,18 @@ def test_client_mean_counts_every_client_once_and_a_run_without_server_data_says
     lines = capsys.readouterr().out.splitlines()
     assert next(line for line in lines if line.startswith("final fed_auc ")).split()[-1] == f"{last['fed_auc']:.4f}"
     assert any(line.startswith("best fed_balanced_accuracy ") for line in lines)
+
+
+def test_auc_with_tied_scores_matches_scikit_learn():
+    """Rounded scores tie often: ties count half, as scikit-learn's ROC area does."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, 500)
+    scores = np.round(rng.normal(size=(500, 3)) + np.eye(3)[labels], 1)
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))  # the softmax as documented, bit for bit
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    assert classification_metrics(scores, labels)["auc"] == pytest.approx(
+        roc_auc_score(labels, probs, multi_class="ovr", average="macro"), rel=1e-12)
+    binary = labels[labels < 2]
+    two = np.round(rng.normal(size=(len(binary), 2)), 1)
+    assert classification_metrics(two, binary)["auc"] == pytest.approx(
+        roc_auc_score(binary, two[:, 1] - two[:, 0]), rel=1e-12)

@@ -217,3 +217,17 @@ def test_fednova_rejects_an_update_without_its_step_count_instead_of_failing_the
     assert record.participants == ["a"]
     reasons = {f.client_id: f.reason for f in record.failures}
     assert "must be finite" in reasons["b"] and "FedNova needs metrics['steps']" in reasons["c"]
+
+
+def test_a_rounds_client_seeds_are_numpys_seed_sequence_hash_computed_at_once():
+    """The batched seeds are numpy's own SeedSequence states of (seed, round, crc32(id)), for ids of every
+    kind, and seeds or rounds past 32 bits (which take the one-by-one way)."""
+    import zlib
+
+    from fedlearn.server.sampling import client_seeds
+
+    ids = [f"client_{i}" for i in range(300)] + ["", "ü" * 40, "f0001_12"]
+    for seed, rnd in [(0, 1), (4, 30), (2**32 - 1, 2**32 - 1), (2**32, 2), (12345678901, 7)]:
+        expected = [int(np.random.SeedSequence([seed, rnd, zlib.crc32(c.encode())]).generate_state(1)[0])
+                    for c in ids]
+        assert client_seeds(seed, rnd, ids) == expected

@@ -1,6 +1,7 @@
 """`Layout`: the names, shapes and dtypes of a model state, and the map to and from one flat vector."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import OrderedDict
@@ -44,9 +45,9 @@ class Layout:
     def sizes(self) -> list[int]:
         return [math.prod(s) for s in self.shapes]
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
-        """Length of the flat vector."""
+        """Length of the flat vector (computed once: the round loop asks for every update)."""
         return sum(self.sizes)
 
     def flatten(self, state: Mapping[str, np.ndarray]) -> np.ndarray:

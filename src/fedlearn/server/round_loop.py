@@ -19,7 +19,8 @@ pool yields it, then dropped: server memory is O(d), not O(n d). Anything that n
 keeps the stack: a robust aggregator, a strategy with its own `aggregate`, a multi-stage protocol (secure
 aggregation holds every masked vector), a transform whose server half looks across updates (simulated
 attacks), the anomaly checks (on by default in config-built runs) and contribution scores.
-`Server.stacking_reason` says which, or None when the run streams.
+`Server.stacking_reason` says which, or None when the run streams. Updates are hashed for the audit log only
+when a store records the round: nothing else reads the hashes.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from ..types import Config, EvalResult, Failure, Metrics, State, Update
 from .anomaly import AnomalyChecks
 from .pool import ClientPool
 from .protocol import RoundAborted, RoundProtocol
-from .sampling import ClientSampler, client_seed
+from .sampling import ClientSampler, client_seeds
 from .store import RoundEvidence, RoundRecord, RunStore
 from .validate import MAX_COUNT, capped, count_problem, metrics_problem, usable_problem
 
@@ -219,9 +220,8 @@ class Server:
         settings = {k: v for transform in self.transforms for k, v in transform.configure(rnd).items()}
         cohort = self.sampler.sample(self.pool.client_ids, rnd)
         instructions = {
-            cid: {**self.fit_config, **self.strategy.configure_fit(rnd, cid), **settings, "round": rnd,
-                  "seed": client_seed(self.seed, rnd, cid)}
-            for cid in cohort
+            cid: {**self.fit_config, **self.strategy.configure_fit(rnd, cid), **settings, "round": rnd, "seed": seed}
+            for cid, seed in zip(cohort, client_seeds(self.seed, rnd, cohort))
         }
         updates: list[Update] = []
         failures: list[Failure] = []
@@ -243,7 +243,8 @@ class Server:
             for f in failures:
                 log.info("round %d: client %s %s: %s", rnd, f.client_id, f.kind, f.reason)
             if len(updates) >= self.min_clients:
-                evidence.update_hashes = hashes if running is not None else update_hashes(updates)
+                if self.store is not None:  # the audit log's evidence; nothing else reads it
+                    evidence.update_hashes = hashes if running is not None else update_hashes(updates)
                 if self.contributions is not None:
                     evidence.contributions = self.contributions.score(self.layout, self.params, updates, rnd)
                 self.strategy.begin_round(rnd, self.params)
@@ -311,7 +312,8 @@ class Server:
                 kept, out = transform.server(kept, rnd)
                 refused += out
             for update in kept:
-                hashes[update.client_id] = update_digest(update)
+                if self.store is not None:
+                    hashes[update.client_id] = update_digest(update)
                 running.add(update.delta, update.num_examples)
                 updates.append(dataclasses.replace(update, delta=np.empty(0), extras={}))
         return updates, failures + _timeouts(instructions, answered) + refused, hashes

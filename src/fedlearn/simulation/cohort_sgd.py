@@ -1,10 +1,13 @@
 """Local SGD of a whole cohort at once: one model's parameters stacked along a client axis and trained on
-padded per-client batches, the forward pass batched over clients by `torch.func` (vmap of `functional_call`).
+padded per-client batches, the forward pass batched over clients: as grouped layers (`grouped.py`) for a plain
+`Sequential` of convolutions, pooling and linear layers, else by `torch.func` (vmap of `functional_call`).
 
 Every client gets exactly the batches `train_local` would draw for it (`batch_indices` with its own
-generator). Padding slots carry a zero mask, so a client's gradient is the mean over its real samples only,
-and each client stops after its own number of steps. Clients are sorted by step count, so those still
-training at any step are a prefix of the stack: finished clients cost nothing, and no Python loop runs
+generator: the same permutations, cut the same way, laid out for the whole cohort at once by `_schedule`).
+Padding slots carry a zero mask, so a client's gradient is the mean over its real samples only, and each
+client stops after its own number of steps; a step is only as wide as its longest real batch (a cohort of
+clients holding two samples each does not pay for batches of 16). Clients are sorted by step count, so those
+still training at any step are a prefix of the stack: finished clients cost nothing, and no Python loop runs
 per client or per parameter inside a step.
 """
 from __future__ import annotations
@@ -16,7 +19,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
-from ..torch.train import LossFn, batch_indices
+from ..torch.train import LossFn
+from .grouped import grouped_forward
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ def train_cohort(
     x, y, index, mask = _schedule(ranked, sgd.batch_size)
     k_all = len(ranked)
     active = [(steps > t).sum().item() for t in range(int(steps.max()))]  # clients still training at step t
+    widths = mask.sum(2).amax(0).int().tolist()  # the longest real batch at step t: the slots beyond are padding
     names = list(start)
     params = [start[n].detach().expand(k_all, *start[n].shape).clone() for n in names]
     anchors = [start[n].detach().expand(k_all, *start[n].shape) for n in names]
@@ -69,12 +74,13 @@ def train_cohort(
     buffers: list[torch.Tensor] | None = None
     totals = torch.zeros(k_all)
 
-    forward = vmap(lambda own, xb: functional_call(model, (own, frozen), (xb,)), randomness="error")
+    forward = grouped_forward(model, frozen) or \
+        vmap(lambda own, xb: functional_call(model, (own, frozen), (xb,)), randomness="error")
     model.train()
     for t, k in enumerate(active):
         live = [p[:k] for p in params]
         leaves = [p.detach().requires_grad_() for p in live]  # same storage: the update below writes params
-        batch, weights = index[:k, t], mask[:k, t]
+        batch, weights = index[:k, t, : widths[t]], mask[:k, t, : widths[t]]
         losses = _masked_means(loss_fn, forward(dict(zip(names, leaves)), x[batch]), y[batch], weights)
         grads = list(torch.autograd.grad(losses.sum(), leaves))  # client k's loss depends on its slice only
         with torch.no_grad():
@@ -91,6 +97,8 @@ def train_cohort(
                 grads = [b[:k] for b in buffers]
             torch._foreach_add_(live, grads, alpha=-sgd.lr)
             totals[:k] += losses.detach()
+    if bool((order == torch.arange(k_all)).all()):  # members came sorted (as the vectorized pool sends them)
+        return dict(zip(names, params)), totals
     restore = torch.argsort(order)
     return {n: p[restore] for n, p in zip(names, params)}, totals[restore]
 
@@ -107,18 +115,32 @@ def _masked_means(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, weights: 
 def _schedule(members: Sequence[Member], batch_size: int) -> tuple[torch.Tensor, ...]:
     """All members' data concatenated, and per (member, step, slot) the row of that data and a 0/1 mask.
 
-    A padding slot points at the member's first sample, so every gathered row is real data."""
+    The rows are those `batch_indices` yields (one `torch.randperm` per member and epoch from the member's
+    seeded generator; batches never cross an epoch, the last of each may be short), laid out for the whole
+    cohort by array arithmetic: member k's step t is batch t % nb_k of epoch t // nb_k, and its slot j holds
+    position (t % nb_k) * batch_size + j of that epoch's permutation when that is below n_k. A padding slot
+    points at the member's first sample, so every gathered row is real data."""
     x = torch.cat([m.x for m in members])
     y = torch.cat([m.y for m in members])
-    index = np.zeros((len(members), max(m.steps for m in members), batch_size), dtype=np.int64)
-    valid = np.zeros(index.shape, dtype=bool)
-    offset = 0
-    for k, m in enumerate(members):
-        generator = torch.Generator().manual_seed(m.seed) if m.seed is not None else None
-        for t, idx in enumerate(batch_indices(m.x.shape[0], batch_size, m.steps, generator)):
-            index[k, t, : len(idx)] = idx.numpy()
-            valid[k, t, : len(idx)] = True
-        index[k] += offset
-        offset += m.x.shape[0]
+    sizes = np.array([m.x.shape[0] for m in members])
+    steps = np.array([m.steps for m in members])
+    per_epoch = -(-sizes // batch_size)                      # batches per epoch
+    epochs = -(-steps // per_epoch)                          # epochs begun
+    generator = torch.Generator()
+    perms = []
+    for m, n, e in zip(members, sizes.tolist(), epochs.tolist()):
+        if m.seed is None:
+            perms.extend([torch.arange(n)] * e)
+        else:
+            generator.manual_seed(m.seed)  # a reseeded generator draws what a fresh one seeded alike draws
+            perms.extend(torch.randperm(n, generator=generator) for _ in range(e))
+    flat = torch.cat(perms).numpy()
+    perm_start = np.cumsum(np.r_[0, sizes * epochs])[:-1]   # where member k's first permutation begins in flat
+    data_start = np.cumsum(np.r_[0, sizes])[:-1]            # where member k's rows begin in x
+    t = np.arange(steps.max())[None, :, None]
+    pos = (t % per_epoch[:, None, None]) * batch_size + np.arange(batch_size)[None, None, :]
+    valid = (pos < sizes[:, None, None]) & (t < steps[:, None, None])
+    where = perm_start[:, None, None] + (t // per_epoch[:, None, None]) * sizes[:, None, None] + pos
+    index = np.where(valid, flat[np.where(valid, where, 0)], 0) + data_start[:, None, None]
     mask_dtype = x.dtype if x.is_floating_point() else torch.float32
     return x, y, torch.from_numpy(index), torch.from_numpy(valid).to(mask_dtype)

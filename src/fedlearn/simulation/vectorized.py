@@ -4,6 +4,11 @@ Clients that share a model, loss and SGD settings are trained together by `cohor
 every other client (another client class, a config key the cohort engine does not know, a model with
 buffers or random layers) runs through the sequential path, and a log line says why, once per reason.
 Faults, client-side transforms and the order of results are those of `InProcessPool`.
+
+The clients that joined a cohort are kept (up to `client_cache` of them) instead of being rebuilt by
+`client_fn` every round: the cohort engine reads only what a `TorchClient` is built with (data, model
+function, loss, SGD defaults), never state a client keeps between rounds, so a kept client trains exactly as a
+fresh one. A client that takes the sequential path is always built anew, as `InProcessPool` does.
 """
 from __future__ import annotations
 
@@ -47,11 +52,15 @@ class VectorizedPool(InProcessPool):
         handlers: Mapping[str, Handler] | None = None,
         *,
         max_cohort: int = 1024,
+        client_cache: int = 100_000,
     ) -> None:
         super().__init__(client_fn, client_ids, faults, handlers)
         if max_cohort < 1:
             raise ValueError(f"max_cohort must be >= 1, got {max_cohort}")
-        self.max_cohort = max_cohort
+        if client_cache < 0:
+            raise ValueError(f"client_cache must be >= 0, got {client_cache}")
+        self.max_cohort, self.client_cache = max_cohort, client_cache
+        self._clients: dict[str, TorchClient] = {}  # cohort clients kept between rounds, oldest first
         self._models: dict[Callable[[], torch.nn.Module], torch.nn.Module] = {}
         self._model_problems: dict[tuple, str | None] = {}
         self._reported: set[str] = set()
@@ -69,10 +78,13 @@ class VectorizedPool(InProcessPool):
             client, config = task
             reason = self._why_sequential(client, config, state)
             if reason is None:
+                self._keep(cid, client)
                 settings = client.sgd_settings(config)
                 groups.setdefault(_group_key(client, settings), []).append((cid, client, config, settings))
             else:
                 self._report(reason)
+                if self._clients.pop(cid, None) is client:  # the sequential path trains a client built anew
+                    client = self.client_fn(cid)
                 raw[cid] = self._guarded(cid, lambda c: client.fit(state, config))
         for tasks in groups.values():
             raw.update(self._fit_group(state, tasks))
@@ -80,7 +92,15 @@ class VectorizedPool(InProcessPool):
 
     def _prepare(self, cid: str, config: Config) -> tuple[Client, Config]:
         config = self._inject_fault(cid, config)
-        return self.client_fn(cid), config
+        client = self._clients.get(cid)
+        return (client if client is not None else self.client_fn(cid)), config
+
+    def _keep(self, cid: str, client: TorchClient) -> None:
+        """Keep a cohort client for the next rounds, dropping the oldest beyond `client_cache`."""
+        if self.client_cache and cid not in self._clients:
+            if len(self._clients) >= self.client_cache:
+                del self._clients[next(iter(self._clients))]
+            self._clients[cid] = client
 
     def _why_sequential(self, client: Client, config: Config, state: State) -> str | None:
         """Why this client cannot join a cohort, or None when it can."""
@@ -166,12 +186,15 @@ def _group_key(client: TorchClient, settings: Mapping[str, Any]) -> tuple[Any, .
 
 def _deltas(layout: Layout, state: State, final: Mapping[str, torch.Tensor]) -> np.ndarray:
     """(K, d) float64 deltas, new - old in layout order, as `TorchClient.fit` computes them one by one
-    (float32 values widened to float64, then subtracted), written in place into one array."""
+    (float32 values widened to float64, then subtracted), written in one pass into one array."""
     k = next(iter(final.values())).shape[0]
     out = np.empty((k, layout.size))
     pos = 0
     for name, size in zip(layout.names, layout.sizes):
-        out[:, pos : pos + size] = final[name].reshape(k, size).numpy() if name in final else np.ravel(state[name])
+        if name in final:
+            np.subtract(final[name].reshape(k, size).numpy(), np.ravel(state[name]), out=out[:, pos : pos + size],
+                        dtype=np.float64)
+        else:  # frozen: the global value comes back unchanged
+            out[:, pos : pos + size] = 0.0
         pos += size
-    out -= layout.flatten(state)
     return out

@@ -77,7 +77,8 @@ def local_steps(n: int, batch_size: int, epochs: int, work_fraction: float = 1.0
 def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
     """Sample indices of each of `steps` mini-batches: every epoch draws `torch.randperm(n, generator)` (or keeps
     the data order when `generator` is None) and cuts it into consecutive batches, the last one possibly short.
-    Every engine that must reproduce `train_local` takes its batches from here."""
+    Every engine that must reproduce `train_local` takes its batches from here, except the cohort engine, which
+    lays out the same batches for a whole cohort at once (`cohort_sgd._schedule`, pinned to this by a test)."""
     done = 0
     while True:
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
