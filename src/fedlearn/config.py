@@ -19,16 +19,21 @@ TOML layout (every key optional)::
     [app]       factory = "package.module:make_app" (your task instead of [data], [model], [strategy], [client]),
                 dir (folder to import it from, relative to the file), then the factory's keyword arguments
     [contributions] methods (gtg, loo, exact, cosine), metric, truncation, tolerance (empty: no accounting)
+    [async]     buffer_size, concurrency, max_staleness, staleness, ... and the simulated fleet's speed_sigma,
+                mean_offline, ...: FedBuff instead of rounds (see `fedlearn.asynchronous`; empty: synchronous)
 """
 from __future__ import annotations
 
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .plugins import closest, dataclass_from_dict
 from .privacy.config import PrivacyConfig
+
+if TYPE_CHECKING:
+    from .asynchronous import AsyncConfig
 
 DATASETS = ("digits", "breast_cancer", "synthetic", "femnist", "leaf")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
@@ -92,6 +97,8 @@ class SimulationConfig:
     app: dict[str, Any] = field(default_factory=dict)
     # contribution accounting: ContributionAccounting settings; empty: off
     contributions: dict[str, Any] = field(default_factory=dict)
+    # asynchronous training (FedBuff): the [async] section, validated by `AsyncConfig`; empty: synchronous rounds
+    asynchronous: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -134,6 +141,7 @@ class SimulationConfig:
         _check(not self.app or isinstance(self.app.get("factory"), str),
                '[app] needs factory = "package.module:function"')
         _check(isinstance(self.contributions, dict), "contribution settings must be a table of name = value")
+        self._validate_async()
         if self.ray_address:
             from .simulation.ray_pool import check_ray_address
 
@@ -141,6 +149,29 @@ class SimulationConfig:
                 check_ray_address(self.ray_address)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+
+    # ----- asynchronous training (FedBuff)
+    def _validate_async(self) -> None:
+        """The [async] settings, and what asynchronous training cannot be combined with."""
+        if not self.asynchronous:
+            return
+        from .asynchronous import AsyncConfig
+
+        _check(isinstance(self.asynchronous, dict), "async settings must be a table of name = value")
+        AsyncConfig.from_dict(self.asynchronous)
+        _check(not self.privacy, "[async] cannot be combined with [privacy]: DP accounting and secure aggregation "
+                                 "assume synchronous rounds of sampled clients")
+        _check(not self.contributions, "[async] cannot be combined with [contributions]: contributions are scored "
+                                       "per synchronous round")
+        _check(self.eval_clients in (0, SimulationConfig.eval_clients),
+               "[sampling] eval_clients: federated evaluation does not run with [async] (the server evaluates "
+               "centrally every [async] eval_every steps); remove it or set it to 0")
+
+    def async_config(self) -> "AsyncConfig | None":
+        """The validated [async] settings, or None for synchronous rounds."""
+        from .asynchronous import AsyncConfig
+
+        return AsyncConfig.from_dict(self.asynchronous) if self.asynchronous else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +191,10 @@ _SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults", "aggre
 _PLUGIN_SECTIONS = {"strategy": "strategy_params", "aggregator": "aggregator_params", "attack": "attack_params",
                     "anomaly": "anomaly_params", "privacy": "privacy", "contributions": "contributions", "app": "app"}
 
+
+# asynchronous training (FedBuff): the [async] section, checked by `fedlearn.asynchronous.AsyncConfig`
+_SECTIONS += ("async",)
+_PLUGIN_SECTIONS["async"] = "asynchronous"
 
 _TOP = ("seed", "rounds")
 _SECTION_KEYS = {

@@ -122,6 +122,9 @@ def simulate(
     app = task_app(cfg, app)
     client_ids = app.simulated_client_ids
     robust = robustness_setup(cfg, app, len(client_ids))
+    if cfg.asynchronous:
+        return simulate_async(cfg, robust.app, robust.strategy, robust.transforms, robust.anomaly_checks,
+                              run_dir=run_dir, resume=resume, show_progress=show_progress)
     privacy = build_privacy(PrivacyConfig.from_dict(cfg.privacy), client_ids=client_ids,
                             cohort=ClientSampler(cfg.clients_per_round, cfg.fraction).size(len(client_ids)),
                             rounds=cfg.rounds, strategy=robust.strategy, seed=cfg.seed)
@@ -142,6 +145,48 @@ def simulate(
         backend=cfg.backend, ray_address=cfg.ray_address or None,
         contributions=contribution_accounting(cfg, app, privacy.protocol is not None or bool(privacy.transforms)),
     )
+
+
+def simulate_async(cfg: SimulationConfig, app: App, strategy: Strategy, transforms: Sequence[Transform],
+                   anomaly_checks: AnomalyChecks | None, *, run_dir: str | Path | None = None, resume: bool = False,
+                   show_progress: bool = False) -> SimulationResult:
+    """FedBuff (`AsyncServer`) on the virtual clock of the [async] fleet: `cfg.rounds` server steps, each
+    committed to the run store in `run_dir` (a run of the same configuration there is resumed exactly)."""
+    from .server.async_loop import AsyncServer
+    from .simulation.clock import VirtualClock
+    from .simulation.clocked import VirtualExecutor
+
+    settings = cfg.async_config()
+    assert settings is not None
+    client_ids = app.simulated_client_ids
+    faults = FaultInjector(cfg.crash_rate, cfg.drop_rate, cfg.straggler_rate, seed=cfg.seed)
+    pool = make_pool(cfg.backend, app.client, client_ids, faults, ray_address=cfg.ray_address or None)
+    store = None
+    start = time.perf_counter()
+    try:
+        if run_dir is not None:
+            store = RunStore(run_dir)
+            store.bind_config(cfg.to_dict(), resume=resume)
+        server = AsyncServer(
+            VirtualExecutor(pool, VirtualClock(settings.fleet(cfg.seed))), strategy, app.initial(cfg.seed),
+            **settings.settings().server_args(), transforms=transforms, anomaly_checks=anomaly_checks,
+            central_eval=app.central_eval, store=store, seed=cfg.seed,
+            max_examples=cfg.max_examples, fit_config=app.fit_config)
+        if show_progress:
+            from .progress import RoundProgress
+
+            with RoundProgress(cfg.rounds, server.round) as progress:
+                history = server.run(cfg.rounds, [progress])
+        else:
+            history = server.run(cfg.rounds)
+    finally:
+        pool.close()
+        if store is not None:
+            store.close()
+    result = SimulationResult(history, server.state, Path(run_dir) if run_dir else None, time.perf_counter() - start)
+    if result.run_dir is not None:
+        write_outputs(result)
+    return result
 
 
 def contribution_accounting(cfg: SimulationConfig, app: App, private: bool) -> ContributionAccounting | None:

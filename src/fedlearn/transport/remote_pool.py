@@ -217,14 +217,19 @@ class RemotePool(ClientPool):
             return sorted(self._sessions, key=_natural_key)
 
     def fit(
-        self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
+        self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = (), *,
+        nonces: Mapping[str, bytes] | None = None, await_clients: bool = False,
     ) -> list[Update | Failure]:
+        """Train each instructed client on `state`. `nonces` names tasks in advance (a task owed from before a
+        server restart is sent again under its nonce: a client that still holds its result answers at once);
+        with `await_clients` a client not connected yet is waited for, within the deadline."""
         bodies = {cid: _Body(_round(c), encode_config({**self.fit_config, **c, **self._audit(cid)}))
                   for cid, c in instructions.items()}
         layout = Layout.of(state)
         limit = RESULT_OVERHEAD + 8 * layout.size  # a float64 delta
         codec = update_codec(transforms, layout)  # the server's choice, never the client's
-        return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms], codec=codec).values())
+        return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms], codec=codec,
+                                   nonces=nonces, await_clients=await_clients).values())
 
     def _audit(self, cid: str) -> Config:
         bundle = self.receipts(cid) if self.receipts is not None else None
@@ -315,14 +320,18 @@ class RemotePool(ClientPool):
 
     # ----- internals
     def _dispatch(self, kind: int, state: State | None, bodies: dict[str, "_Body"], result_limit: int,
-                  transforms: list[str] | None, deadline: float | None = None, codec: Any = None) -> dict[str, Any]:
+                  transforms: list[str] | None, deadline: float | None = None, codec: Any = None,
+                  nonces: Mapping[str, bytes] | None = None, await_clients: bool = False) -> dict[str, Any]:
         """Send one task per client and wait for all results or the deadline; results keep `bodies`' order."""
         start = time.monotonic()
         deadline = deadline or self.round_deadline
         payload = encode_state(state) if state is not None else b""
         digest = hashlib.sha256(payload).digest()
         tasks: dict[str, Task | Failure] = {}
+        nonces = nonces or {}
         with self._cond:
+            while await_clients and not set(bodies) <= set(self._sessions) and time.monotonic() < start + deadline:
+                self._cond.wait(start + deadline - time.monotonic())
             for cid, body in bodies.items():
                 session = self._sessions.get(cid)
                 if session is None:
@@ -335,7 +344,7 @@ class RemotePool(ClientPool):
                                                           f"{len(body.config) + len(body.message)} bytes exceeds the "
                                                           f"{MAX_HEADER_BODY} bytes a task header may carry")
                 else:
-                    task = Task(os.urandom(NONCE_BYTES), cid, body.round, kind, body.config, body.message, payload,
+                    task = Task(nonces.get(cid) or os.urandom(NONCE_BYTES), cid, body.round, kind, body.config, body.message, payload,
                                 digest, deadline, result_limit, session, codec)
                     self._pending[task.nonce] = task
                     tasks[cid] = task

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..app import App
+from ..asynchronous import AsyncConfig
 from ..audit.receipts import ReceiptIssuer
 from ..config import ConfigError, SimulationConfig, load_toml
 from ..dashboard import Dashboard, RunSnapshots
@@ -25,7 +26,7 @@ from ..privacy import PrivacyConfig, PrivacySetup, build_privacy
 from ..progress import RoundProgress
 from ..server import ClientSampler, RunStore, Server
 from ..server.anomaly import AnomalyChecks
-from ..server.async_loop import AsyncServer, AsyncSettings, ThreadExecutor
+from ..server.async_loop import AsyncServer, AsyncSettings
 from ..server.protocol import RoundProtocol
 from ..server.round_loop import CentralEval
 from ..server.sampling import PoissonSampler
@@ -36,6 +37,7 @@ from ..strategies import Strategy
 from ..transforms.base import Transform
 from ..types import Config, State
 from . import fedlearn_pb2 as pb
+from .async_tasks import RemoteExecutor
 from .channels import ServerTLS, start_server
 from .identity import AllowList
 from .remote_pool import RemotePool
@@ -186,7 +188,7 @@ class DeploymentServer:
         self.store.set_meta("server", asdict(settings))
         if asynchronous is not None:
             self.server = AsyncServer(
-                ThreadExecutor(self.pool, self.pool.connected), strategy, initial_state, **asynchronous.server_args(),
+                RemoteExecutor(self.pool), strategy, initial_state, **asynchronous.server_args(),
                 transforms=transforms, anomaly_checks=anomaly_checks, central_eval=central_eval, store=self.store,
                 seed=seed, max_examples=max_examples)
         else:
@@ -318,6 +320,14 @@ def serve_app(cfg: SimulationConfig, settings: ServerSettings, app: App | None =
     app = task_app(cfg, app)
     population = len(AllowList.load(settings.allow_list).keys)
     robust = robustness_setup(cfg, app, population)
+    if cfg.asynchronous:  # FedBuff over whichever clients are connected (the [async] section)
+        server = DeploymentServer(
+            app.initial(cfg.seed), robust.strategy, rounds=cfg.rounds, settings=settings,
+            min_clients=robust.min_clients, max_examples=cfg.max_examples, central_eval=robust.app.central_eval,
+            anomaly_checks=robust.anomaly_checks, transforms=robust.transforms, fit_config=app.fit_config,
+            seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
+            asynchronous=AsyncConfig.for_deployment(cfg.asynchronous).settings())
+        return _serve(server, show_progress, on_listening)
     privacy = deployment_privacy(cfg, settings, robust.strategy)
     server = DeploymentServer(
         app.initial(cfg.seed), robust.strategy, rounds=cfg.rounds, settings=settings,
@@ -329,6 +339,12 @@ def serve_app(cfg: SimulationConfig, settings: ServerSettings, app: App | None =
         transforms=privacy.transforms, protocol=privacy.protocol, sampler=privacy.sampler,
         fit_config=app.fit_config, seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
     )
+    return _serve(server, show_progress, on_listening)
+
+
+def _serve(server: DeploymentServer, show_progress: bool, on_listening: Callable[[int], None] | None
+           ) -> SimulationResult:
+    """Listen, run to the end, and stop serving whatever happens."""
     try:
         port = server.start()
         if on_listening is not None:
