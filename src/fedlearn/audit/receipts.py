@@ -10,6 +10,7 @@ Everything a client receives is parsed as untrusted input.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,11 +128,15 @@ class ReceiptIssuer:
     sent yet, and the consistency proof from the head it was sent last time. A record is appended after the
     round's tasks went out, so the receipt of a client's last round reaches it with its next task (or from
     `fedlearn audit prove`). After a server restart the first bundle restarts from the last record naming
-    the client, whose task carried the head of that size."""
+    the client, whose task carried the head of that size. That holds for synchronous rounds only; an
+    asynchronous server, whose clients' tasks span many records, passes `sent` (the sizes sent to each client,
+    as saved) and `on_sent`, which saves them after every bundle."""
 
-    def __init__(self, log: AuditLog) -> None:
+    def __init__(self, log: AuditLog, sent: dict[str, int] | None = None,
+                 on_sent: Callable[[dict[str, int]], None] | None = None) -> None:
         self.log = log
-        self._sent: dict[str, int] = {}
+        self._sent: dict[str, int] = {str(k): int(v) for k, v in (sent or {}).items()}
+        self._on_sent = on_sent
 
     def bundle(self, client_id: str) -> dict[str, Any] | None:
         head = self.log.latest_head(self.log.public_key)
@@ -144,6 +149,8 @@ class ReceiptIssuer:
                     for idx, record in named if idx >= since]
         proof = self.log.consistency(since, head.size) if 0 < since < head.size else []
         self._sent[client_id] = head.size
+        if self._on_sent is not None:
+            self._on_sent(dict(self._sent))
         return {"head": head.to_json(), "receipts": receipts, "from_size": since, "consistency": [p.hex() for p in proof]}
 
 

@@ -222,9 +222,12 @@ class RemotePool(ClientPool):
     ) -> list[Update | Failure]:
         """Train each instructed client on `state`. `nonces` names tasks in advance (a task owed from before a
         server restart is sent again under its nonce: a client that still holds its result answers at once);
-        with `await_clients` a client not connected yet is waited for, within the deadline."""
-        bodies = {cid: _Body(_round(c), encode_config({**self.fit_config, **c, **self._audit(cid)}))
-                  for cid, c in instructions.items()}
+        with `await_clients` a client not connected yet is waited for, within the deadline. Audit receipts go
+        only to clients connected now, in fresh tasks: a bundle never delivered would leave the server
+        believing the client saw a head it did not."""
+        connected = set(self.connected())
+        bodies = {cid: _Body(_round(c), encode_config({**self.fit_config, **c, **(
+            self._audit(cid) if cid in connected and not await_clients else {})})) for cid, c in instructions.items()}
         layout = Layout.of(state)
         limit = RESULT_OVERHEAD + 8 * layout.size  # a float64 delta
         codec = update_codec(transforms, layout)  # the server's choice, never the client's

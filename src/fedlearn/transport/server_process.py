@@ -45,6 +45,7 @@ from .service import Service
 
 log = logging.getLogger(__name__)
 
+AUDIT_SENT = "audit_heads_sent"  # run-store meta key: client id -> size of the audit head its last task carried
 _PATHS = ("run_dir", "certificate", "private_key", "client_ca", "allow_list", "audit_key", "operator_token")
 
 
@@ -160,11 +161,14 @@ class DeploymentServer:
         self.settings, self.rounds = settings, rounds
         self.store = RunStore(settings.run_dir, audit_key=settings.audit_key or None)
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex
+        # an asynchronous client's tasks span many audit records: the heads sent to each are kept in the store
+        receipts = ReceiptIssuer(self.store.audit) if asynchronous is None else ReceiptIssuer(
+            self.store.audit, self.store.get_meta(AUDIT_SENT), lambda sent: self.store.set_meta(AUDIT_SENT, sent))
         self.pool = RemotePool(self.run_id, round_deadline=settings.round_deadline,
                                min_available=settings.wait_for_clients or clients_per_round or 1,
                                min_clients=min_clients, proceed_after=settings.proceed_after,
                                wait_timeout=settings.wait_timeout, fit_config=fit_config,
-                               receipts=ReceiptIssuer(self.store.audit).bundle)
+                               receipts=receipts.bundle)
         if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
             if protocol is not None or sampler is not None or eval_clients:
                 self.store.close()
