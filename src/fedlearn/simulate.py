@@ -172,21 +172,12 @@ def simulate_async(cfg: SimulationConfig, app: App, strategy: Strategy, transfor
             **settings.settings().server_args(), transforms=transforms, anomaly_checks=anomaly_checks,
             central_eval=app.central_eval, store=store, seed=cfg.seed,
             max_examples=cfg.max_examples, fit_config=app.fit_config)
-        if show_progress:
-            from .progress import RoundProgress
-
-            with RoundProgress(cfg.rounds, server.round) as progress:
-                history = server.run(cfg.rounds, [progress])
-        else:
-            history = server.run(cfg.rounds)
+        history = _drive(server, cfg.rounds, show_progress)
     finally:
         pool.close()
         if store is not None:
             store.close()
-    result = SimulationResult(history, server.state, Path(run_dir) if run_dir else None, time.perf_counter() - start)
-    if result.run_dir is not None:
-        write_outputs(result)
-    return result
+    return _result(history, server.state, run_dir, start)
 
 
 def contribution_accounting(cfg: SimulationConfig, app: App, private: bool) -> ContributionAccounting | None:
@@ -280,18 +271,27 @@ def run_simulation(
             store.bind_config(run_config or {**server.describe(), "rounds": rounds, "clients": sorted(client_ids)},
                               resume=resume)
             server.attach(store)
-        if show_progress:
-            from .progress import RoundProgress  # rich takes a noticeable part of start-up; only a bar needs it
-
-            with RoundProgress(rounds, server.round) as progress:
-                history = server.run(rounds, [progress])
-        else:
-            history = server.run(rounds)
+        history = _drive(server, rounds, show_progress)
     finally:
         pool.close()
         if store is not None:
             store.close()
-    result = SimulationResult(history, server.state, Path(run_dir) if run_dir else None, time.perf_counter() - start)
+    return _result(history, server.state, run_dir, start)
+
+
+def _drive(server: Server | Any, rounds: int, show_progress: bool) -> History:
+    """Run `server` (the round loop or the asynchronous driver) to `rounds`, with a progress bar if asked."""
+    if not show_progress:
+        return server.run(rounds)
+    from .progress import RoundProgress  # rich takes a noticeable part of start-up; only a bar needs it
+
+    with RoundProgress(rounds, server.round) as progress:
+        return server.run(rounds, [progress])
+
+
+def _result(history: History, state: State, run_dir: str | Path | None, start: float) -> SimulationResult:
+    """The finished run, with its outputs written to the run directory if there is one."""
+    result = SimulationResult(history, state, Path(run_dir) if run_dir else None, time.perf_counter() - start)
     if result.run_dir is not None:
         write_outputs(result)
     return result
