@@ -198,3 +198,21 @@ def test_equal_speeds_and_k_equal_concurrency_is_the_weighted_mean_by_hand():
     np.testing.assert_allclose(server.params, np.full(3, 3 * 3.75), rtol=1e-12)
     assert [sorted(r.participants) for r in history.rounds] == [["a", "b", "c"]] * 3
     assert [r.metrics["staleness_max"] for r in history.rounds] == [0.0] * 3 and clock.now == 3.0
+
+
+class _Recording(ConstantClient):
+    seen: list = []
+
+    def fit(self, state, config) -> Update:
+        _Recording.seen.append(dict(config))
+        return super().fit(state, config)
+
+
+def test_every_task_carries_the_apps_fit_config_under_the_steps_own_instructions():
+    pool = InProcessPool(lambda cid: _Recording(cid, 1.0), ["a", "b"])
+    server = AsyncServer(VirtualExecutor(pool, VirtualClock(Fleet(jitter_sigma=0.0))), FedAvg(), ZERO, buffer_size=2,
+                         concurrency=2, fit_config={"local_epochs": 7, "round": -1})
+    _Recording.seen.clear()
+    server.run(2)
+    assert _Recording.seen and all(c["local_epochs"] == 7 for c in _Recording.seen)
+    assert sorted(c["round"] for c in _Recording.seen)[:2] == [1, 1]  # the step's own round wins
