@@ -87,7 +87,8 @@ def _verify(store: RunStore, external: list[TreeHead], pinned: str | None) -> Ve
         else:
             if stored[0] != record.get("model_after"):
                 problems.append(f"the model stored for round {record['round']} is not the one its record hashes")
-            if sorted(stored[1]) != sorted(record.get("accepted") or {}):
+            # a set: an asynchronous step may aggregate two results of one client, its record names it once
+            if sorted(set(stored[1])) != sorted(record.get("accepted") or {}):
                 problems.append(f"the participants stored for round {record['round']} differ from its record")
         previous = record
     for rnd in sorted(stored_rounds):
