@@ -73,9 +73,8 @@ def test_async_deployment_with_clients_joining_and_leaving(tmp_path, creds):
 
 
 def test_a_killed_async_server_resumes_its_owed_tasks_and_the_run_completes(tmp_path, creds):
-    """`fedlearn server` with [async] (K = 2, concurrency 2: after each step both clients get new tasks, so
-    every task owed at the kill was sent after the last committed step) is killed with SIGKILL mid-run while
-    both clients are training. The restarted server resumes from its last committed step and sends the owed
+    """`fedlearn server` with [async] (K = 2, concurrency 2) is killed with SIGKILL mid-run while both clients
+    are training. The restarted server resumes from its last committed step and sends the owed
     tasks again under their nonces; the clients answer with the results they held (no retraining), and those
     count with their true staleness: every step moves the model by exactly the mean of 1/sqrt(1 + s) over its
     two +1 updates (FedAvg of equal counts, each weighted by the sqrt staleness weight). A step may hold two
