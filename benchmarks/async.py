@@ -11,10 +11,15 @@ Rows:
   sync+deadline   the same with a deadline (--deadline s) that drops stragglers
   fedbuff         FedBuff: --concurrency writers training at once, a server step every K = --cohort results,
                   staleness weight 1/sqrt(1+s), results more than --max-staleness steps old dropped
-Sync rows make --rounds rounds, FedBuff --async-steps server steps (each from K = --cohort accepted updates),
-with the model evaluated centrally after each. Columns: virtual seconds to reach --target test accuracy
-(first step at or above it), final accuracy and mean of the last 5 evaluations, total virtual time, and the
-speed-up over sync in time to target.
+Sync rows make --rounds rounds. FedBuff runs until the virtual time sync (no deadline) needed for its rounds
+has passed (the equal time budget), or --async-steps server steps, whichever comes first. The model is
+evaluated centrally after every round / step.
+
+Columns: virtual seconds to reach --target test accuracy (first step at or above it) and the speed-up over
+sync, final accuracy and mean of the last 5 evaluations, client updates aggregated, total virtual time.
+Then the two fair comparisons of FedBuff's accuracy with sync's final accuracy:
+  equal updates   FedBuff after as many aggregated client updates as sync aggregated in all its rounds
+  equal time      FedBuff at the end of its run, which used at most sync's total virtual time
 
     PYTHONPATH=src python benchmarks/async.py [--rounds 100] [--async-steps 300] [--target 0.5] [--rows fedbuff]
 """
@@ -40,22 +45,26 @@ from fedlearn.simulation.clock import Fleet, VirtualClock  # noqa: E402
 from fedlearn.simulation.clocked import ClockedPool, VirtualExecutor  # noqa: E402
 
 
-def run_row(name: str, task: FemnistTask, args: argparse.Namespace) -> list[tuple[float, float]]:
-    """(virtual time, test accuracy) after each server step."""
+Point = tuple[float, float, int]  # (virtual time, test accuracy, client updates aggregated so far)
+
+
+def run_row(name: str, task: FemnistTask, args: argparse.Namespace, budget: float | None = None) -> list[Point]:
+    """The curve after each server step; FedBuff stops at virtual time `budget` (or --async-steps)."""
     fleet = Fleet(seed=args.seed, task_seconds=1.0, speed_sigma=args.speed_sigma, jitter_sigma=0.2,
                   mean_online=args.online, mean_offline=args.offline)
     clock = VirtualClock(fleet)
     pool = InProcessPool(task.client, task.client_ids)
-    curve: list[tuple[float, float]] = []
+    curve: list[Point] = []
 
     def record(r: RoundRecord) -> None:
-        curve.append((clock.now, r.metrics["test_accuracy"]))
+        used = (curve[-1][2] if curve else 0) + len(r.participants)
+        curve.append((clock.now, r.metrics["test_accuracy"], used))
 
     if name == "fedbuff":
         server = AsyncServer(VirtualExecutor(pool, clock), FedAvg(), task.initial_state, buffer_size=args.cohort,
                              concurrency=args.concurrency, max_staleness=args.max_staleness,
                              central_eval=task.central_eval, seed=args.seed)
-        server.run(args.async_steps, [record])
+        server.run(args.async_steps, [record], until=budget)
     else:
         deadline = args.deadline if name == "sync+deadline" else None
         clocked = ClockedPool(pool, clock, deadline=deadline, min_online=args.cohort)
@@ -65,14 +74,47 @@ def run_row(name: str, task: FemnistTask, args: argparse.Namespace) -> list[tupl
     return curve
 
 
-def time_to(curve: list[tuple[float, float]], target: float) -> float:
-    return next((t for t, acc in curve if acc >= target), math.inf)
+def time_to(curve: list[Point], target: float) -> float:
+    return next((t for t, acc, _ in curve if acc >= target), math.inf)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def compare(curves: dict[str, list[Point]], target: float) -> None:
+    """FedBuff against sync (no deadline): time to target, and accuracy at equal updates / equal time."""
+    sync, fedbuff = curves["sync"], curves["fedbuff"]
+    sync_acc, sync_used, sync_time = sync[-1][1], sync[-1][2], sync[-1][0]
+    t_sync, t_fedbuff = time_to(sync, target), time_to(fedbuff, target)
+    print(f"\nFedBuff vs sync (no deadline; sync final accuracy {sync_acc:.4f} after {sync_used} updates, "
+          f"{sync_time:.0f}s):")
+    if math.isinf(t_fedbuff):
+        print(f"  time to {target:.2f}: FedBuff never reached it (goal >= 3x sooner): NOT met")
+    elif math.isinf(t_sync):
+        print(f"  time to {target:.2f}: sync never reached it, FedBuff at {t_fedbuff:.0f}s (goal >= 3x sooner): met")
+    else:
+        speedup = t_sync / t_fedbuff
+        print(f"  time to {target:.2f}: {speedup:.1f}x sooner (goal >= 3x): {verdict(speedup >= 3)}")
+    at = next((p for p in fedbuff if p[2] >= sync_used), None)
+    if at is None:
+        print(f"  equal updates: FedBuff aggregated only {fedbuff[-1][2]} updates; rerun with more --async-steps")
+    else:
+        gap = 100 * (at[1] - sync_acc)
+        print(f"  equal updates ({at[2]}): FedBuff {at[1]:.4f} at {at[0]:.0f}s, {gap:+.1f} points "
+              f"(goal >= -1): {verdict(gap >= -1)}")
+    end = fedbuff[-1]
+    gap = 100 * (end[1] - sync_acc)
+    print(f"  equal time (budget {sync_time:.0f}s): FedBuff {end[1]:.4f} at {end[0]:.0f}s "
+          f"({100 * end[0] / sync_time:.0f}% of the budget, {end[2]} updates), {gap:+.1f} points "
+          f"(goal >= -1): {verdict(gap >= -1)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=100, help="synchronous rounds")
-    parser.add_argument("--async-steps", type=int, default=300, help="FedBuff server steps")
+    parser.add_argument("--async-steps", type=int, default=300,
+                        help="most FedBuff server steps (it also stops at sync's total virtual time)")
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--cohort", type=int, default=10, help="sync clients per round = FedBuff buffer size K")
     parser.add_argument("--concurrency", type=int, default=20)
@@ -86,10 +128,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     task = FemnistTask(seed=args.seed)
-    curves = {}
-    for name in args.rows.split(","):
+    curves: dict[str, list[Point]] = {}
+    rows = args.rows.split(",")
+    for name in sorted(rows, key=lambda r: r != "sync"):  # sync first: its total time is FedBuff's budget
         start = time.perf_counter()
-        curves[name] = run_row(name, task, args)
+        budget = curves["sync"][-1][0] if "sync" in curves else None
+        curves[name] = run_row(name, task, args, budget)
         print(f"  {name}: {time.perf_counter() - start:.0f}s wall", file=sys.stderr, flush=True)
     base = time_to(curves.get("sync", []), args.target)
     print(f"\nFEMNIST, {len(task.client_ids)} writers, server steps of {args.cohort} updates, concurrency "
@@ -97,13 +141,16 @@ def main() -> None:
           f"speeds sigma={args.speed_sigma}, online/offline means {args.online:g}/{args.offline:g}s; target "
           f"accuracy {args.target:.2f}")
     head = (f"{'row':<15}{'steps':>6}{'time to target':>15}{'speed-up':>10}{'final acc':>10}{'last-5 acc':>11}"
-            f"{'total time':>11}")
+            f"{'updates':>8}{'total time':>11}")
     print(head + "\n" + "-" * len(head))
     for name, curve in curves.items():
         t = time_to(curve, args.target)
         speedup = f"{base / t:.1f}x" if math.isfinite(t) and math.isfinite(base) else "-"
-        accs = [a for _, a in curve]
-        print(f"{name:<15}{len(curve):>6}{t:>15.1f}{speedup:>10}{accs[-1]:>10.4f}{np.mean(accs[-5:]):>11.4f}{curve[-1][0]:>11.1f}")
+        accs = [a for _, a, _ in curve]
+        print(f"{name:<15}{len(curve):>6}{t:>15.1f}{speedup:>10}{accs[-1]:>10.4f}{np.mean(accs[-5:]):>11.4f}"
+              f"{curve[-1][2]:>8}{curve[-1][0]:>11.1f}")
+    if "sync" in curves and "fedbuff" in curves:
+        compare(curves, args.target)
 
 
 if __name__ == "__main__":

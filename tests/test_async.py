@@ -37,6 +37,7 @@ def test_staleness_weights_match_closed_forms():
     assert [sqrt(s) for s in (0, 3, 8)] == [1.0, 0.5, 1 / 3]
     assert [poly(s) for s in (0, 1, 3)] == [1.0, 0.25, 1 / 16]
     assert const(0) == const(100) == 1.0
+    assert [staleness_weight("poly", 1.0)(s) for s in (0, 1, 4)] == [1.0, 0.5, 0.2]  # the TOML spelling
     with pytest.raises(ValueError, match="unknown staleness"):
         staleness_weight("linear")
 
@@ -210,3 +211,34 @@ def test_a_huge_example_claim_weighs_no_more_than_max_examples_and_an_impossible
     rejected = [f for r in history.rounds for f in r.failures if f.client_id == "c"]
     assert rejected and all(f.kind == "rejected" and "num_examples must be in [1, 2**53]" in f.reason
                             for f in rejected)
+
+
+def test_equal_speeds_and_k_equal_concurrency_is_the_weighted_mean_by_hand():
+    # three clients, equally fast, K = concurrency = 3: every step takes one fresh (s = 0) result from each,
+    # so a step is FedAvg's example-weighted mean: (1 * 1 + 1 * 2 + 2 * 6) / 4 = 3.75, three steps 11.25
+    clients = {"a": _Claiming("a", 1.0, 1), "b": _Claiming("b", 2.0, 1), "c": _Claiming("c", 6.0, 2)}
+    clock = VirtualClock(Fleet(speed_sigma=0.0, jitter_sigma=0.0))
+    pool = InProcessPool(clients.__getitem__, list(clients))
+    server = AsyncServer(VirtualExecutor(pool, clock), FedAvg(), ZERO, buffer_size=3, concurrency=3)
+    history = server.run(3)
+    np.testing.assert_allclose(server.params, np.full(3, 3 * 3.75), rtol=1e-12)
+    assert [sorted(r.participants) for r in history.rounds] == [["a", "b", "c"]] * 3
+    assert [r.metrics["staleness_max"] for r in history.rounds] == [0.0] * 3 and clock.now == 3.0
+
+
+class _Recording(ConstantClient):
+    seen: list = []
+
+    def fit(self, state, config) -> Update:
+        _Recording.seen.append(dict(config))
+        return super().fit(state, config)
+
+
+def test_every_task_carries_the_apps_fit_config_under_the_steps_own_instructions():
+    pool = InProcessPool(lambda cid: _Recording(cid, 1.0), ["a", "b"])
+    server = AsyncServer(VirtualExecutor(pool, VirtualClock(Fleet(jitter_sigma=0.0))), FedAvg(), ZERO, buffer_size=2,
+                         concurrency=2, fit_config={"local_epochs": 7, "round": -1})
+    _Recording.seen.clear()
+    server.run(2)
+    assert _Recording.seen and all(c["local_epochs"] == 7 for c in _Recording.seen)
+    assert sorted(c["round"] for c in _Recording.seen)[:2] == [1, 1]  # the step's own round wins

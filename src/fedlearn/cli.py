@@ -72,6 +72,40 @@ _PRIVACY_FLAGS: list[tuple[str, str, type, str]] = [
     ("--he", "he", bool, "homomorphic-encryption aggregation (CKKS): the server adds ciphertexts, clients decrypt"),
 ]
 
+# ----- asynchronous training (FedBuff): flag -> (key of the [async] section, type, help); any of them turns it on
+_ASYNC_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--buffer-size", "buffer_size", int, "async: results per server step, K (default 10)"),
+    ("--concurrency", "concurrency", int, "async: clients training at once (default 20)"),
+    ("--max-staleness", "max_staleness", int, "async: drop results more than this many steps old (default: keep all)"),
+    ("--staleness", "staleness", str, "async: weight of a result s steps old: sqrt (1/sqrt(1+s), default), poly, "
+                                      "constant"),
+    ("--staleness-exponent", "staleness_exponent", float, "async: exponent of --staleness poly (default 0.5)"),
+    ("--eval-every", "eval_every", int, "async: evaluate centrally every that many steps (default 1)"),
+    ("--speed-sigma", "speed_sigma", float, "async simulation: spread of client speeds, lognormal sigma (default 1)"),
+    ("--mean-online", "mean_online", float, "async simulation: mean seconds a client stays online (default 100)"),
+    ("--mean-offline", "mean_offline", float, "async simulation: mean seconds offline in between (default 0: never)"),
+    ("--fleet-seed", "fleet_seed", int, "async simulation: seed of the virtual fleet (default: --seed)"),
+]
+
+
+def add_async_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--async", dest="async_on", action="store_true",
+                        help="buffered asynchronous training (FedBuff) instead of rounds: --rounds counts server steps")
+    for flag, key, kind, help_text in _ASYNC_FLAGS:
+        parser.add_argument(flag, dest=f"async_{key}", type=kind, default=None, help=help_text)
+
+
+def async_settings(args: argparse.Namespace, values: dict[str, Any]) -> dict[str, Any]:
+    """The [async] section of `values` with the async flags on top ({} when neither turns async on)."""
+    given = {key: getattr(args, f"async_{key}") for _, key, _, _ in _ASYNC_FLAGS
+             if getattr(args, f"async_{key}") is not None}
+    merged = {**values.get("asynchronous", {}), **given}
+    if merged or not args.async_on:
+        return merged
+    from .asynchronous import AsyncConfig
+
+    return {"buffer_size": AsyncConfig.buffer_size}  # the defaults (a non-empty section turns async on)
+
 
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (what is wrong and where to look), not the whole usage."""
@@ -119,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--contributions", metavar="METHODS",
                      help="score each client's contribution every round: comma-separated gtg, loo, exact, cosine")
     add_compression_flags(sim)  # compression (issue 13)
+    add_async_flags(sim)
     deployment.add_parsers(sub, _SIM_FLAGS)
     run_commands.add_parsers(sub)
     return parser
@@ -161,6 +196,9 @@ def _simulation_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.contributions:
         flags["contributions"] = {**values.get("contributions", {}),
                                   "methods": [m.strip() for m in args.contributions.split(",") if m.strip()]}
+    asynchronous = async_settings(args, values)
+    if asynchronous:
+        flags["asynchronous"] = asynchronous
     if "fraction" in flags and "clients_per_round" not in flags:
         values["clients_per_round"] = None
     if "clients_per_round" in flags and "fraction" not in flags:
@@ -199,7 +237,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                  "femnist": "writers as clients (natural split)", "leaf": "users as clients (natural split)",
                  }.get(config.dataset, f"{config.num_clients} clients ({config.partition})")
         task = f"app {config.app['factory']}" if config.app else f"{config.dataset}, {split}, {config.strategy}"
-        print(f"fedlearn: {task}{robust}, {config.rounds} rounds, seed {config.seed}", flush=True)
+        asynchronous = config.async_config()
+        steps = (f"{config.rounds} rounds" if asynchronous is None else
+                 f"FedBuff {config.rounds} server steps of {asynchronous.buffer_size} results, "
+                 f"{asynchronous.concurrency} clients at once")
+        print(f"fedlearn: {task}{robust}, {steps}, seed {config.seed}", flush=True)
     result = simulate(config, run_dir=run_dir, resume=resume, show_progress=not args.quiet)
     last = result.history.last
     print(result.summary())

@@ -21,16 +21,21 @@ TOML layout (every key optional)::
     [contributions] methods (gtg, loo, exact, cosine), metric, truncation, tolerance (empty: no accounting)
     [compression.uplink] / [compression.downlink]  method (none, bf16, fp16, qsgd, topk, randomk), then its
                 parameters (bits, block, scale_dtype, fraction, ...); see `fedlearn.compression.settings`
+    [async]     buffer_size, concurrency, max_staleness, staleness, ... and the simulated fleet's speed_sigma,
+                mean_offline, ...: FedBuff instead of rounds (see `fedlearn.asynchronous`; empty: synchronous)
 """
 from __future__ import annotations
 
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .plugins import closest, dataclass_from_dict
 from .privacy.config import PrivacyConfig
+
+if TYPE_CHECKING:
+    from .asynchronous import AsyncConfig
 
 DATASETS = ("digits", "breast_cancer", "synthetic", "femnist", "leaf")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
@@ -96,6 +101,8 @@ class SimulationConfig:
     contributions: dict[str, Any] = field(default_factory=dict)
     # compression of updates and of the global-model change: `CompressionSettings`; empty: off
     compression: dict[str, Any] = field(default_factory=dict)
+    # asynchronous training (FedBuff): the [async] section, validated by `AsyncConfig`; empty: synchronous rounds
+    asynchronous: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,6 +146,7 @@ class SimulationConfig:
                '[app] needs factory = "package.module:function"')
         _check(isinstance(self.contributions, dict), "contribution settings must be a table of name = value")
         self._validate_compression()
+        self._validate_async()
         if self.ray_address:
             from .simulation.ray_pool import check_ray_address
 
@@ -155,6 +163,28 @@ class SimulationConfig:
             CompressionSettings.from_dict(self.compression)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    # ----- asynchronous training (FedBuff)
+    def _validate_async(self) -> None:
+        """The [async] settings, and what asynchronous training cannot be combined with."""
+        if not self.asynchronous:
+            return
+        from .asynchronous import AsyncConfig
+
+        _check(isinstance(self.asynchronous, dict), "async settings must be a table of name = value")
+        AsyncConfig.from_dict(self.asynchronous)
+        _check(not self.privacy, "[async] cannot be combined with [privacy]: DP accounting and secure aggregation "
+                                 "assume synchronous rounds of sampled clients")
+        _check(not self.contributions, "[async] cannot be combined with [contributions]: contributions are scored "
+                                       "per synchronous round")
+        _check(self.eval_clients in (0, SimulationConfig.eval_clients),
+               "[sampling] eval_clients: federated evaluation does not run with [async] (the server evaluates "
+               "centrally every [async] eval_every steps); remove it or set it to 0")
+
+    def async_config(self) -> "AsyncConfig | None":
+        """The validated [async] settings, or None for synchronous rounds."""
+        from .asynchronous import AsyncConfig
+
+        return AsyncConfig.from_dict(self.asynchronous) if self.asynchronous else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,6 +206,10 @@ _PLUGIN_SECTIONS = {"strategy": "strategy_params", "aggregator": "aggregator_par
                     "anomaly": "anomaly_params", "privacy": "privacy", "contributions": "contributions", "app": "app",
                     "compression": "compression"}
 
+
+# asynchronous training (FedBuff): the [async] section, checked by `fedlearn.asynchronous.AsyncConfig`
+_SECTIONS += ("async",)
+_PLUGIN_SECTIONS["async"] = "asynchronous"
 
 _TOP = ("seed", "rounds")
 _SECTION_KEYS = {

@@ -135,6 +135,9 @@ def simulate(
     app = task_app(cfg, app)
     client_ids = app.simulated_client_ids
     robust = robustness_setup(cfg, app, len(client_ids))
+    if cfg.asynchronous:
+        return simulate_async(cfg, robust.app, robust.strategy, robust.transforms, robust.anomaly_checks,
+                              run_dir=run_dir, resume=resume, show_progress=show_progress)
     privacy = build_privacy(PrivacyConfig.from_dict(cfg.privacy), client_ids=client_ids,
                             cohort=ClientSampler(cfg.clients_per_round, cfg.fraction).size(len(client_ids)),
                             rounds=cfg.rounds, strategy=robust.strategy, seed=cfg.seed)
@@ -160,6 +163,39 @@ def simulate(
         contributions=contribution_accounting(cfg, app, privacy.protocol is not None or bool(privacy.transforms)),
         wire=compression if compression.measured else None,
     )
+
+
+def simulate_async(cfg: SimulationConfig, app: App, strategy: Strategy, transforms: Sequence[Transform],
+                   anomaly_checks: AnomalyChecks | None, *, run_dir: str | Path | None = None, resume: bool = False,
+                   show_progress: bool = False) -> SimulationResult:
+    """FedBuff (`AsyncServer`) on the virtual clock of the [async] fleet: `cfg.rounds` server steps, each
+    committed to the run store in `run_dir` (a run of the same configuration there is resumed exactly)."""
+    from .server.async_loop import AsyncServer
+    from .simulation.clock import VirtualClock
+    from .simulation.clocked import VirtualExecutor
+
+    settings = cfg.async_config()
+    assert settings is not None
+    client_ids = app.simulated_client_ids
+    faults = FaultInjector(cfg.crash_rate, cfg.drop_rate, cfg.straggler_rate, seed=cfg.seed)
+    pool = make_pool(cfg.backend, app.client, client_ids, faults, ray_address=cfg.ray_address or None)
+    store = None
+    start = time.perf_counter()
+    try:
+        if run_dir is not None:
+            store = RunStore(run_dir)
+            store.bind_config(cfg.to_dict(), resume=resume)
+        server = AsyncServer(
+            VirtualExecutor(pool, VirtualClock(settings.fleet(cfg.seed))), strategy, app.initial(cfg.seed),
+            **settings.settings().server_args(), transforms=transforms, anomaly_checks=anomaly_checks,
+            central_eval=app.central_eval, store=store, seed=cfg.seed,
+            max_examples=cfg.max_examples, fit_config=app.fit_config)
+        history = _drive(server, cfg.rounds, show_progress)
+    finally:
+        pool.close()
+        if store is not None:
+            store.close()
+    return _result(history, server.state, run_dir, start)
 
 
 def contribution_accounting(cfg: SimulationConfig, app: App, private: bool) -> ContributionAccounting | None:
@@ -265,18 +301,27 @@ def run_simulation(
             store.bind_config(run_config or {**server.describe(), "rounds": rounds, "clients": sorted(client_ids)},
                               resume=resume)
             server.attach(store)
-        if show_progress:
-            from .progress import RoundProgress  # rich takes a noticeable part of start-up; only a bar needs it
-
-            with RoundProgress(rounds, server.round) as progress:
-                history = server.run(rounds, [progress])
-        else:
-            history = server.run(rounds)
+        history = _drive(server, rounds, show_progress)
     finally:
         pool.close()
         if store is not None:
             store.close()
-    result = SimulationResult(history, server.state, Path(run_dir) if run_dir else None, time.perf_counter() - start)
+    return _result(history, server.state, run_dir, start)
+
+
+def _drive(server: Server | Any, rounds: int, show_progress: bool) -> History:
+    """Run `server` (the round loop or the asynchronous driver) to `rounds`, with a progress bar if asked."""
+    if not show_progress:
+        return server.run(rounds)
+    from .progress import RoundProgress  # rich takes a noticeable part of start-up; only a bar needs it
+
+    with RoundProgress(rounds, server.round) as progress:
+        return server.run(rounds, [progress])
+
+
+def _result(history: History, state: State, run_dir: str | Path | None, start: float) -> SimulationResult:
+    """The finished run, with its outputs written to the run directory if there is one."""
+    result = SimulationResult(history, state, Path(run_dir) if run_dir else None, time.perf_counter() - start)
     if result.run_dir is not None:
         write_outputs(result)
     return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,11 +131,15 @@ class ReceiptIssuer:
     it said it holds when it connected (`holds`). A record is appended after the round's tasks went out, so
     the receipt of a client's last round reaches it with its next task, or, after the run's final round, with
     the message that ends the run. A client that said nothing starts from the last record naming it, whose
-    task carried the head of that size."""
+    task carried the head of that size. An asynchronous server,
+    whose clients' tasks span many records, passes `sent` (the sizes sent to each client, as saved) and
+    `on_sent`, which saves them after every bundle, so a restarted server goes on from there."""
 
-    def __init__(self, log: AuditLog) -> None:
+    def __init__(self, log: AuditLog, sent: dict[str, int] | None = None,
+                 on_sent: Callable[[dict[str, int]], None] | None = None) -> None:
         self.log = log
-        self._sent: dict[str, int] = {}
+        self._sent: dict[str, int] = {str(k): int(v) for k, v in (sent or {}).items()}
+        self._on_sent = on_sent
         self._lock = threading.Lock()  # tasks of one round, and the run's end, are sent from several threads
 
     def bundle(self, client_id: str) -> dict[str, Any] | None:
@@ -161,6 +166,8 @@ class ReceiptIssuer:
                     for idx, record in named if idx >= since]
         proof = self.log.consistency(since, head.size) if 0 < since < head.size else []
         self._sent[client_id] = head.size
+        if self._on_sent is not None:
+            self._on_sent(dict(self._sent))
         return {"head": head.to_json(), "receipts": receipts, "from_size": since, "consistency": [p.hex() for p in proof]}
 
 

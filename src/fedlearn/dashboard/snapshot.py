@@ -92,6 +92,9 @@ def _read(store: RunStore) -> dict[str, Any]:
         "config": {k: config.get(k) for k in ("dataset", "strategy", "rounds", "num_clients", "clients_per_round",
                                               "aggregator", "attack") if isinstance(config, dict)},
         "total_rounds": config.get("rounds") if isinstance(config, dict) else None,
+        # an asynchronous (FedBuff) run counts server steps, not rounds; its settings head the page
+        "unit": "step" if isinstance(config, dict) and config.get("asynchronous") else "round",
+        "asynchronous": (config.get("asynchronous") or None) if isinstance(config, dict) else None,
         "started_at": times.get(0),
         "rounds": rounds,
         "failures": failures[::-1][:MAX_FAILURE_ROWS],

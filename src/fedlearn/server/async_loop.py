@@ -10,7 +10,11 @@ scaled by the staleness weight w(s) and `Strategy.aggregate`, the transforms' `f
 record committed to the run store, with the in-flight tasks and the clock, so a resumed run continues exactly.
 
 Where results come from is the executor's business: `VirtualExecutor` (simulation, seeded virtual clock) or
-`ThreadExecutor` (any real pool, wall-clock time; e.g. a deployment's `RemotePool`).
+`ThreadExecutor` (any real pool, wall-clock time). A `durable` executor (a deployment's, whose clients outlive
+the server) names each task with a nonce before it is sent, and the driver writes the tasks it is owed
+(in flight, or answered but not yet aggregated) to the store whenever that set changes: a restarted server
+sends them again with the same nonce and model version, so their results are accepted with their true
+staleness instead of being lost.
 """
 from __future__ import annotations
 
@@ -49,13 +53,13 @@ def staleness_weight(kind: str = "sqrt", exponent: float = 0.5) -> Callable[[int
     "constant" 1."""
     if kind == "sqrt":
         return lambda s: 1.0 / math.sqrt(1.0 + s)
-    if kind == "polynomial":
+    if kind in ("polynomial", "poly"):
         if exponent < 0:
             raise ValueError(f"polynomial staleness exponent must be >= 0, got {exponent}")
         return lambda s: (1.0 + s) ** -exponent
     if kind == "constant":
         return lambda s: 1.0
-    raise ValueError(f"unknown staleness weighting {kind!r}; choose 'sqrt', 'polynomial' or 'constant'")
+    raise ValueError(f"unknown staleness weighting {kind!r}; choose 'sqrt', 'poly' (polynomial) or 'constant'")
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,12 @@ class AsyncSettings:
     staleness: str = "sqrt"
     staleness_exponent: float = 0.5
     max_staleness: int | None = None
+    eval_every: int = 1
 
     def server_args(self) -> dict:
         """Keyword arguments of `AsyncServer`."""
         return {"buffer_size": self.buffer_size, "concurrency": self.concurrency, "max_staleness": self.max_staleness,
-                "staleness": staleness_weight(self.staleness, self.staleness_exponent)}
+                "staleness": staleness_weight(self.staleness, self.staleness_exponent), "eval_every": self.eval_every}
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Task:
     config: Config
     finish_at: float = 0.0
     lost_at: float | None = None
+    nonce: str = ""  # hex, named by a durable executor before the task is sent
 
 
 class Executor(Protocol):
@@ -94,6 +100,10 @@ class Executor(Protocol):
 
     now: float
     pool: ClientPool  # where tasks run; federated evaluation asks its clients too
+    durable: bool  # tasks outlive this server: name each with `new_nonce` and keep the owed ones in the store
+
+    def new_nonce(self) -> str:
+        """A fresh task nonce (hex); only durable executors are asked."""
 
     def idle(self, busy: set[str]) -> list[str]:
         """Clients that could take a task now (in pool order), excluding `busy` ones."""
@@ -105,7 +115,8 @@ class Executor(Protocol):
         """The results finishing next (all those at the same instant), or None when time moved on without one."""
 
     def resume(self, task: Task, state: State, transforms: Sequence[Transform]) -> bool:
-        """Put a task that was in flight at the last committed step back in flight; False if that is impossible."""
+        """Put a task that was in flight at the last committed step (or, for a durable executor, owed when the
+        server stopped) back in flight; False if that is impossible."""
 
     def state_dict(self) -> dict: ...
 
@@ -119,7 +130,8 @@ class AsyncServer:
     see `staleness_weight`; `max_staleness`: results older than this many steps are dropped (None keeps all).
     `eval_every`: central / federated evaluation every that many steps (and at the last); federated evaluation
     asks `eval_clients` clients of the executor's pool and combines their metrics by `evaluate_metrics` (the
-    app's rule, as in the round loop).
+    app's rule, as in the round loop). `fit_config` is sent with
+    every task (the app's training settings), under the step's own instructions.
     """
 
     def __init__(
@@ -141,6 +153,7 @@ class AsyncServer:
         store: RunStore | None = None,
         seed: int = 0,
         max_examples: int | None = None,
+        fit_config: Config | None = None,
     ) -> None:
         if buffer_size < 1 or concurrency < 1:
             raise ValueError(f"buffer_size and concurrency must be >= 1, got {buffer_size} and {concurrency}")
@@ -166,15 +179,17 @@ class AsyncServer:
         self.central_eval, self.eval_every = central_eval, eval_every
         self.eval_clients, self.evaluate_metrics = eval_clients, evaluate_metrics
         self.store, self.seed, self.max_examples = store, seed, max_examples
+        self.fit_config = dict(fit_config or {})
         self.step = 0
         self.history = History()
         self.stop_reason = ""
         self.inflight: dict[int, Task] = {}  # seq -> task
-        self._buffer: list[tuple[Update, int]] = []  # (update, staleness)
+        self._buffer: list[tuple[Update, int, Task]] = []  # (update, staleness, its task)
         self._failures: list[Failure] = []
         self._given: dict[str, int] = {}  # tasks given per client at the current version (distinct seeds)
         self._seq = 0
         self._mid_batch = False  # a step was committed while results of the same instant were still untaken
+        self._durable = bool(getattr(executor, "durable", False))
         if store is not None:
             self._restore_or_init(store, initial_state)
 
@@ -199,6 +214,7 @@ class AsyncServer:
                 for i, (task, result) in enumerate(arrived):
                     del self.inflight[task.seq]
                     self._accept(task, result)
+                    self._save_owed()
                     if len(self._buffer) >= self.buffer_size:
                         # results of the same instant not yet taken stay in flight in the committed state
                         self._mid_batch = i < len(arrived) - 1
@@ -224,11 +240,17 @@ class AsyncServer:
         chosen = sorted(rng.choice(len(idle), size=min(free, len(idle)), replace=False))
         state = self.state
         settings = {k: v for t in self.transforms for k, v in t.configure(self.step + 1).items()}
+        tasks = []
         for i in chosen:
             cid = idle[i]
             task = Task(cid, self.step, self._seq, self.executor.now, self._config(cid, settings))
+            if self._durable:
+                task.nonce = self.executor.new_nonce()
             self._seq += 1
             self.inflight[task.seq] = task
+            tasks.append(task)
+        self._save_owed()  # before sending: a result may come back to a restarted server
+        for task in tasks:
             self.executor.start(task, state, self.transforms)
 
     def _config(self, cid: str, settings: Config) -> Config:
@@ -238,7 +260,7 @@ class AsyncServer:
         nth = self._given.get(cid, 0)
         self._given[cid] = nth + 1
         seed = client_seed(self.seed, rnd, cid if nth == 0 else f"{cid}#{nth}")
-        return {**self.strategy.configure_fit(rnd, cid), **settings, "round": rnd, "seed": seed}
+        return {**self.fit_config, **self.strategy.configure_fit(rnd, cid), **settings, "round": rnd, "seed": seed}
 
     def _accept(self, task: Task, result: Update | Failure) -> None:
         """Validate one result and buffer it with its staleness, or record why it was not used. So many
@@ -263,13 +285,13 @@ class AsyncServer:
         elif result.partial and not self.strategy.accept_partial:
             self._failures.append(Failure(task.client_id, "straggler", f"partial work dropped by {self.strategy.name}"))
         else:
-            self._buffer.append((capped(result, self.max_examples), staleness))
+            self._buffer.append((capped(result, self.max_examples), staleness, task))
 
     def _flush(self, final: bool = False) -> RoundRecord:
         """One server step from the buffered results; committed to the store."""
         step = self.step + 1
-        staleness = {id(u): s for u, s in self._buffer}
-        updates, failures = [u for u, _ in self._buffer], self._failures
+        staleness = {id(u): s for u, s, _ in self._buffer}
+        updates, failures = [u for u, _, _ in self._buffer], self._failures
         self._buffer, self._failures = [], []
         for transform in self.transforms:
             updates, refused = transform.server(updates, step)
@@ -319,8 +341,16 @@ class AsyncServer:
 
     # ----- exact resume
     def _driver_state(self) -> dict:
-        return {"seq": self._seq, "mid_batch": self._mid_batch, "given": dict(self._given), "executor": self.executor.state_dict(),
-                "inflight": [asdict(t) for t in self.inflight.values()]}
+        """What resumes the driver: at a committed step, the tasks in flight; for a durable executor between
+        steps, also those answered but not yet aggregated (their results died with the server's memory)."""
+        owed = [*self.inflight.values(), *(t for _, _, t in self._buffer)]
+        return {"seq": self._seq, "mid_batch": self._mid_batch, "given": dict(self._given),
+                "executor": self.executor.state_dict(), "inflight": [asdict(t) for t in owed]}
+
+    def _save_owed(self) -> None:
+        """For a durable executor: the tasks owed now, over the last committed step's driver state."""
+        if self._durable and self.store is not None:
+            self.store.set_meta(DRIVER_STATE, self._driver_state())
 
     def _restore_or_init(self, store: RunStore, initial_state: State) -> None:
         last = store.last_round()
@@ -345,6 +375,10 @@ class AsyncServer:
         models: dict[int, State] = {}
         for raw in saved["inflight"]:
             task = Task(**raw)
+            if task.version > last:
+                log.warning("task %d of client %s trained on version %d, which was never committed: dropped",
+                            task.seq, task.client_id, task.version)
+                continue
             if task.version not in models:
                 models[task.version] = store.load_round(task.version)[0]
             if self.executor.resume(task, models[task.version], self.transforms):
@@ -366,7 +400,10 @@ class ThreadExecutor:
     thread, so a slow client holds only its own slot. The first look for idle clients waits as the pool's
     `client_ids` does (for enough clients to connect); later ones take `connected()` (the clients connected
     right now, without waiting) when given, so clients may join and leave during the run. Tasks in flight
-    when a server stops are lost (their clients get new ones after a restart)."""
+    when a server stops are lost (their clients get new ones after a restart); a deployment's
+    `RemoteExecutor` resumes them instead."""
+
+    durable = False
 
     def __init__(self, pool: ClientPool, connected: Callable[[], Sequence[str]] | None = None,
                  poll_seconds: float = 1.0) -> None:
@@ -385,9 +422,13 @@ class ThreadExecutor:
         return [c for c in ids if c not in busy]
 
     def start(self, task: Task, state: State, transforms: Sequence[Transform]) -> None:
+        self._launch(task, lambda: self.pool.fit(state, {task.client_id: task.config}, transforms)[0])
+
+    def _launch(self, task: Task, fit: Callable[[], Update | Failure]) -> None:
+        """Run `fit` in its own thread; its result (or the pool's fault) arrives through `wait`."""
         def work() -> None:
             try:
-                result = self.pool.fit(state, {task.client_id: task.config}, transforms)[0]
+                result = fit()
             except Exception as exc:  # a pool fault costs this task, never the run
                 result = Failure(task.client_id, "crash", f"{type(exc).__name__}: {exc}")
             self._results.put((task, result))

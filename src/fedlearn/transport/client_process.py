@@ -247,11 +247,14 @@ class _Worker:
     receipts: ReceiptBook | None = None
     audit_key: str | None = None
     statistics: str = "secure"  # which statistics requests it answers (see `run_client`)
+    # the last result not yet acknowledged: (nonce, payload, seconds, error); a restarted server sends its
+    # task again under the same nonce, and gets this answer without the work being done twice
+    held: tuple[bytes, bytes, float, str] | None = None
 
     def join(self, run_id: str) -> None:
-        """Note the run of a new connection; a different run gets fresh protocol memory."""
+        """Note the run of a new connection; a different run gets fresh protocol memory (and no held result)."""
         if run_id != self.run_id:
-            self.run_id, self.memory = run_id, {}
+            self.run_id, self.memory, self.held = run_id, {}, None
 
     def run(self, task: ReceivedTask) -> tuple[bytes, float]:
         """The encoded result and the seconds of local work (encoding excluded)."""
@@ -320,14 +323,23 @@ def _serve(connection: Connection, worker: _Worker) -> str:
             worker.final_receipts(connection.finished)
             return task
         kind, error, payload, seconds = KIND_NAMES.get(task.header.kind, "?"), "", b"", 0.0
-        try:
-            payload, seconds = worker.run(task)
-        except Exception as exc:  # the server learns why, and the round goes on without this client
-            error = f"{type(exc).__name__}: {exc}"[:MAX_TEXT]
-            log.warning("event=task_failed client=%s round=%d kind=%s error=%r", cid, task.header.round, kind, error)
+        nonce = bytes(task.header.nonce)
+        if worker.held is not None and worker.held[0] == nonce:
+            _, payload, seconds, error = worker.held
+            log.info("event=result_resent client=%s round=%d kind=%s: the server asked again for a result it "
+                     "never acknowledged", cid, task.header.round, kind)
+        else:
+            try:
+                payload, seconds = worker.run(task)
+            except Exception as exc:  # the server learns why, and the round goes on without this client
+                error = f"{type(exc).__name__}: {exc}"[:MAX_TEXT]
+                log.warning("event=task_failed client=%s round=%d kind=%s error=%r", cid, task.header.round, kind,
+                            error)
+            worker.held = (nonce, payload, seconds, error)
         sent = connection.send_result(
             connection.result_header(task.header, payload, error=error, train_seconds=seconds), payload)
         ack = connection.read_ack()
+        worker.held = None
         log.info("event=result client=%s round=%d kind=%s bytes_in=%d bytes_out=%d train_seconds=%.3f "
                  "accepted=%s%s", cid, task.header.round, kind, task.wire_bytes, sent, seconds,
                  ack.accepted, "" if ack.accepted else f" reason={ack.reason!r}")

@@ -165,7 +165,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     settings.insecure = settings.insecure or args.insecure
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as Ctrl-C does, saying what was saved
     task = f"app {cfg.app['factory']}" if cfg.app else f"{cfg.dataset}, {cfg.strategy}"
-    print(f"fedlearn server: {task}, {cfg.rounds} rounds, run directory {settings.run_dir}")
+    steps = f"{cfg.rounds} asynchronous (FedBuff) server steps" if cfg.asynchronous else f"{cfg.rounds} rounds"
+    print(f"fedlearn server: {task}, {steps}, run directory {settings.run_dir}")
     try:
         result = serve_app(cfg, settings, show_progress=not args.quiet, resume=args.resume,
                            on_listening=lambda port: print(f"listening on port {port}", flush=True))

@@ -228,17 +228,25 @@ class RemotePool(ClientPool):
             return sorted(self._sessions, key=_natural_key)
 
     def fit(
-        self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = ()
+        self, state: State, instructions: Mapping[str, Config], transforms: Sequence[Transform] = (), *,
+        nonces: Mapping[str, bytes] | None = None, await_clients: bool = False,
     ) -> list[Update | Failure]:
-        bodies = {cid: _Body(_round(c), encode_config({**self.fit_config, **c, **self._audit(cid)}))
-                  for cid, c in instructions.items()}
+        """Train each instructed client on `state`. `nonces` names tasks in advance (a task owed from before a
+        server restart is sent again under its nonce: a client that still holds its result answers at once);
+        with `await_clients` a client not connected yet is waited for, within the deadline. Audit receipts go
+        only to clients connected now, in fresh tasks: a bundle never delivered would leave the server
+        believing the client saw a head it did not."""
+        connected = set(self.connected())
+        bodies = {cid: _Body(_round(c), encode_config({**self.fit_config, **c, **(
+            self._audit(cid) if cid in connected and not await_clients else {})})) for cid, c in instructions.items()}
         layout = Layout.of(state)
         limit = RESULT_OVERHEAD + 8 * layout.size  # a float64 delta
         codec = update_codec(transforms, layout)  # the server's choice, never the client's
         if self.downlink is not None:
             self.downlink.advance(state)
         return list(self._dispatch(pb.FIT, state, bodies, limit, [t.name for t in transforms], codec=codec,
-                                   compressed=self.downlink is not None).values())
+                                   compressed=self.downlink is not None, nonces=nonces,
+                                   await_clients=await_clients).values())
 
     def transport_metrics(self) -> dict[str, float]:
         with self._cond:
@@ -348,7 +356,8 @@ class RemotePool(ClientPool):
     # ----- internals
     def _dispatch(self, kind: int, state: State | None, bodies: dict[str, "_Body"], result_limit: int,
                   transforms: list[str] | None, deadline: float | None = None, codec: Any = None,
-                  compressed: bool = False) -> dict[str, Any]:
+                  compressed: bool = False, nonces: Mapping[str, bytes] | None = None,
+                  await_clients: bool = False) -> dict[str, Any]:
         """Send one task per client and wait for all results or the deadline; results keep `bodies`' order.
         `compressed`: the model travels as the downlink changes each connection has not seen."""
         start = time.monotonic()
@@ -356,7 +365,10 @@ class RemotePool(ClientPool):
         payload = encode_state(state) if state is not None and not compressed else b""
         digests = {payload: hashlib.sha256(payload).digest()}
         tasks: dict[str, Task | Failure] = {}
+        nonces = nonces or {}
         with self._cond:
+            while await_clients and not set(bodies) <= set(self._sessions) and time.monotonic() < start + deadline:
+                self._cond.wait(start + deadline - time.monotonic())
             for cid, body in bodies.items():
                 session = self._sessions.get(cid)
                 if session is None:
@@ -374,7 +386,7 @@ class RemotePool(ClientPool):
                         assert self.downlink is not None
                         sent, session.held = self.downlink.payload(session.held), self.downlink.version
                     digest = digests.get(sent) or digests.setdefault(sent, hashlib.sha256(sent).digest())
-                    task = Task(os.urandom(NONCE_BYTES), cid, body.round, kind, body.config, body.message, sent,
+                    task = Task(nonces.get(cid) or os.urandom(NONCE_BYTES), cid, body.round, kind, body.config, body.message, sent,
                                 digest, deadline, result_limit, session, codec)
                     self._pending[task.nonce] = task
                     tasks[cid] = task

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..app import App
+from ..asynchronous import AsyncConfig
 from ..audit.receipts import ReceiptIssuer
 from ..config import ConfigError, SimulationConfig, load_toml
 from ..dashboard import Dashboard, RunSnapshots
@@ -27,7 +28,7 @@ from ..privacy import PrivacyConfig, PrivacySetup, build_privacy
 from ..progress import RoundProgress
 from ..server import ClientSampler, RunStore, Server
 from ..server.anomaly import AnomalyChecks
-from ..server.async_loop import AsyncServer, AsyncSettings, ThreadExecutor
+from ..server.async_loop import AsyncServer, AsyncSettings
 from ..server.protocol import RoundProtocol
 from ..server.round_loop import CentralEval
 from ..server.sampling import PoissonSampler
@@ -39,6 +40,7 @@ from ..transforms.base import Transform
 from ..types import Config, State
 from . import fedlearn_pb2 as pb
 from .audit_rpc import AuditAnswers
+from .async_tasks import RemoteExecutor
 from .channels import ServerTLS, start_server
 from .identity import AllowList
 from .remote_pool import RemotePool
@@ -46,6 +48,7 @@ from .service import Service
 
 log = logging.getLogger(__name__)
 
+AUDIT_SENT = "audit_heads_sent"  # run-store meta key: client id -> size of the audit head its last task carried
 _PATHS = ("run_dir", "certificate", "private_key", "client_ca", "allow_list", "audit_key", "operator_token")
 
 
@@ -162,11 +165,14 @@ class DeploymentServer:
         self.settings, self.rounds = settings, rounds
         self.store = RunStore(settings.run_dir, audit_key=settings.audit_key or None)
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex
+        # an asynchronous client's tasks span many audit records: the heads sent to each are kept in the store
+        receipts = ReceiptIssuer(self.store.audit) if asynchronous is None else ReceiptIssuer(
+            self.store.audit, self.store.get_meta(AUDIT_SENT), lambda sent: self.store.set_meta(AUDIT_SENT, sent))
         self.pool = RemotePool(self.run_id, round_deadline=settings.round_deadline,
                                min_available=settings.wait_for_clients or clients_per_round or 1,
                                min_clients=min_clients, proceed_after=settings.proceed_after,
                                wait_timeout=settings.wait_timeout, fit_config=fit_config,
-                               receipts=ReceiptIssuer(self.store.audit), downlink=downlink)
+                               receipts=receipts, downlink=downlink)
         if asynchronous is not None:  # FedBuff: `rounds` counts server steps, clients come and go at will
             if protocol is not None or sampler is not None:
                 self.store.close()
@@ -190,7 +196,7 @@ class DeploymentServer:
         self.store.set_meta("server", asdict(settings))
         if asynchronous is not None:
             self.server = AsyncServer(
-                ThreadExecutor(self.pool, self.pool.connected), strategy, initial_state, **asynchronous.server_args(),
+                RemoteExecutor(self.pool), strategy, initial_state, **asynchronous.server_args(),
                 transforms=transforms, anomaly_checks=anomaly_checks, central_eval=central_eval, store=self.store,
                 seed=seed, max_examples=max_examples, eval_clients=eval_clients, evaluate_metrics=evaluate_metrics)
         else:
@@ -323,6 +329,14 @@ def serve_app(cfg: SimulationConfig, settings: ServerSettings, app: App | None =
     app = task_app(cfg, app)
     population = len(AllowList.load(settings.allow_list).keys)
     robust = robustness_setup(cfg, app, population)
+    if cfg.asynchronous:  # FedBuff over whichever clients are connected (the [async] section)
+        server = DeploymentServer(
+            app.initial(cfg.seed), robust.strategy, rounds=cfg.rounds, settings=settings,
+            min_clients=robust.min_clients, max_examples=cfg.max_examples, central_eval=robust.app.central_eval,
+            anomaly_checks=robust.anomaly_checks, transforms=robust.transforms, fit_config=app.fit_config,
+            seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
+            asynchronous=AsyncConfig.for_deployment(cfg.asynchronous).settings())
+        return _serve(server, show_progress, on_listening)
     privacy = deployment_privacy(cfg, settings, robust.strategy)
     compression = CompressionSettings.from_dict(cfg.compression)  # validated with the config
     server = DeploymentServer(
@@ -337,6 +351,12 @@ def serve_app(cfg: SimulationConfig, settings: ServerSettings, app: App | None =
         fit_config=app.fit_config, seed=cfg.seed, run_config=cfg.to_dict(), resume=resume,
         downlink=compression.downlink,
     )
+    return _serve(server, show_progress, on_listening)
+
+
+def _serve(server: DeploymentServer, show_progress: bool, on_listening: Callable[[int], None] | None
+           ) -> SimulationResult:
+    """Listen, run to the end, and stop serving whatever happens."""
     try:
         port = server.start()
         if on_listening is not None:

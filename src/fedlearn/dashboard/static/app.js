@@ -41,7 +41,7 @@ function lineChart(target, series, opts = {}) {
     svg.append(label);
   }
   const xl = svgEl("text", {x: W - R, y: H - 6, "text-anchor": "end", "font-size": 12, fill: "#6b7585"});
-  xl.textContent = `round ${x1}`;
+  xl.textContent = `${UNIT} ${x1}`;
   svg.append(xl);
   if (opts.limit !== undefined && opts.limit !== null) {
     svg.append(svgEl("line", {x1: L, x2: W - R, y1: sy(opts.limit), y2: sy(opts.limit), stroke: "#c62828", "stroke-dasharray": "4 3"}));
@@ -88,10 +88,14 @@ function card(label, value, id) {
   return c;
 }
 
+let UNIT = "round";  // "step" for an asynchronous (FedBuff) run
+
 function render(state) {
+  UNIT = state.unit || "round";
   const rounds = state.rounds || [];
   const last = rounds.length ? rounds[rounds.length - 1] : null;
   $("run").textContent = `${state.run_dir || ""}  ·  run ${(state.run_id || "").slice(0, 12)}  ·  ` +
+    (state.asynchronous ? `FedBuff K ${state.asynchronous.buffer_size}, concurrency ${state.asynchronous.concurrency}, ` : "") +
     Object.entries(state.config || {}).filter(([, v]) => v !== null && v !== "" && v !== undefined).map(([k, v]) => `${k} ${v}`).join(", ");
   const live = state.live;
   const finished = live ? live.phase === "finished" : (state.total_rounds && last && last.round >= state.total_rounds);
@@ -100,8 +104,9 @@ function render(state) {
   status.className = "pill " + (finished ? "done" : "live");
   const eps = state.privacy && state.privacy.epsilon.length ? state.privacy.epsilon[state.privacy.epsilon.length - 1][1] : null;
   $("cards").replaceChildren(
-    card("round", last ? `${last.round}${state.total_rounds ? " / " + state.total_rounds : ""}` : "0", "card-round"),
+    card(UNIT === "step" ? "server step" : "round", last ? `${last.round}${state.total_rounds ? " / " + state.total_rounds : ""}` : "0", "card-round"),
     card("test accuracy", last ? fmt(last.metrics.test_accuracy) : "–", "card-accuracy"),
+    ...(UNIT === "step" ? [card("staleness", last ? `mean ${fmt(last.metrics.staleness_mean, 2)}, max ${fmt(last.metrics.staleness_max, 0)}` : "–", "card-staleness")] : []),
     card("flagged updates", String(state.flagged_total || 0), "card-flagged"),
     card("failures", String(state.failures_total || 0), "card-failures"),
     card("epsilon", eps === null ? "no DP" : `${fmt(eps, 3)}${state.privacy.budget ? " / " + state.privacy.budget : ""}`, "card-epsilon"),
@@ -110,10 +115,10 @@ function render(state) {
   if (live) {
     $("live-section").hidden = false;
     const clients = live.connected_clients || [];
-    $("live").replaceChildren(el("p", {}, `phase ${live.phase}, round ${live.round} of ${live.total_rounds}, ` +
+    $("live").replaceChildren(el("p", {}, `phase ${live.phase}, ${UNIT} ${live.round} of ${live.total_rounds}, ` +
       `${clients.length} connected: ${clients.join(", ") || "none"}, ${live.rejected_results || 0} results rejected`));
     for (const r of (live.rejections || []).slice().reverse()) {
-      $("live").append(el("p", {class: "kind-rejected"}, `round ${r.round}, client ${r.client}: ${r.reason}`));
+      $("live").append(el("p", {class: "kind-rejected"}, `${UNIT} ${r.round}, client ${r.client}: ${r.reason}`));
     }
   }
   lineChart($("chart-accuracy"), metricSeries(rounds, ["test_accuracy", "fed_accuracy", "test_backdoor_success"]));
