@@ -72,6 +72,8 @@ def test_async_toml_section_is_the_same_as_the_flags(tmp_path):
     ({"asynchronous": {"buffer_size": 2}, "privacy": {"dp_clip": 1.0, "dp_noise": 1.0}}, r"\[async\] cannot be "
                                                                                          r"combined with \[privacy\]"),
     ({"asynchronous": {"buffer_size": 2}, "eval_clients": 4}, r"eval_clients: federated evaluation does not run"),
+    ({"asynchronous": {"buffer_size": 2}, "compression": {"uplink": {"method": "qsgd", "bits": 2}}},
+     r"\[async\] cannot be combined with \[compression\] yet"),
 ])
 def test_bad_async_settings_are_refused_by_name(settings, message):
     with pytest.raises(ConfigError, match=message):

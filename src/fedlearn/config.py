@@ -163,7 +163,7 @@ class SimulationConfig:
             CompressionSettings.from_dict(self.compression)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    # ----- asynchronous training (FedBuff)
+
     def _validate_async(self) -> None:
         """The [async] settings, and what asynchronous training cannot be combined with."""
         if not self.asynchronous:
@@ -176,6 +176,8 @@ class SimulationConfig:
                                  "assume synchronous rounds of sampled clients")
         _check(not self.contributions, "[async] cannot be combined with [contributions]: contributions are scored "
                                        "per synchronous round")
+        _check(not self.compression, "[async] cannot be combined with [compression] yet: the asynchronous server "
+                                     "neither compresses nor measures what travels; remove one of the two")
         _check(self.eval_clients in (0, SimulationConfig.eval_clients),
                "[sampling] eval_clients: federated evaluation does not run with [async] (the server evaluates "
                "centrally every [async] eval_every steps); remove it or set it to 0")
@@ -199,17 +201,11 @@ _RENAMES = {("model", "name"): "model", ("strategy", "name"): "strategy", ("aggr
             ("attack", "name"): "attack", ("attack", "fraction"): "attack_fraction",
             ("anomaly", "enabled"): "anomaly_checks"}
 _SECTIONS = ("data", "model", "sampling", "strategy", "client", "faults", "aggregator", "attack", "anomaly", "privacy",
-             "simulation", "contributions", "app",
-             "compression")
+             "simulation", "contributions", "app", "compression", "async")
 # Sections whose keys (other than those renamed above) are free-form parameters of the named plug-in.
 _PLUGIN_SECTIONS = {"strategy": "strategy_params", "aggregator": "aggregator_params", "attack": "attack_params",
                     "anomaly": "anomaly_params", "privacy": "privacy", "contributions": "contributions", "app": "app",
-                    "compression": "compression"}
-
-
-# asynchronous training (FedBuff): the [async] section, checked by `fedlearn.asynchronous.AsyncConfig`
-_SECTIONS += ("async",)
-_PLUGIN_SECTIONS["async"] = "asynchronous"
+                    "compression": "compression", "async": "asynchronous"}
 
 _TOP = ("seed", "rounds")
 _SECTION_KEYS = {
